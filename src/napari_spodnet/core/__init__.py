@@ -1,0 +1,1 @@
+"""Pure numerics: torch, numpy and scipy only (never Qt or napari)."""

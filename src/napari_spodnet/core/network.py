@@ -1,0 +1,291 @@
+"""Learned ISTA networks for SPoD (method.md section 6): SPoD-Net and LISTA-Net.
+
+Layer m computes
+
+    x_m = R_m( x_{m-1} - eta_m * sum_t p^m_t (*)^T ( p^m_t (*) x_{m-1} - y_t ) ),   x_0 = 0
+
+and the network returns ``max(x_M, 0)``.
+
+* :class:`SPoDNet`: ``p_t[i, j, k] = g[i, j] * h[(t - k) mod c]``. The orientation filter h
+  is either the paper's full length-c vector (``orientation="full"``: a layer needs the FFTs
+  of all c channels) or limited to its circular harmonics ``0..K``
+  (``orientation="harmonic"``, default K = 1: the physics has exactly those, and a layer
+  then costs 2K+1 FFTs each way, like one FISTA iteration).
+* :class:`LISTANet`: a full ``(c, c, a, b)`` filter bank per layer (the paper's ISTA-LST).
+
+Every new layer starts as one ISTA step (``g = psf``, ``h = cos^2``, ``eta = 1/||A||^2``,
+``theta = lam/||A||^2``), so an untrained network with ``alpha = 0`` is exactly ISTA.
+
+Thresholds are applied *per unit of A/B* (observation over image element count): the
+objective ``1/(2A)||r||^2 + lam/B ||x||_1`` weighs sparsity by ``lam * A / B``, which
+depends on the image size. Scaling at run time lets a model trained on 96-pixel crops
+threshold a 512-pixel image as the objective at that size demands.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from .physics import SeparableSPoDConv, SPoDOperator, circulant, fft_shape, harmonic_basis, harmonic_left_factor
+from .validation import SPoDInputError, check_psf
+
+THRESHOLDS = ("lst", "nst")
+ORIENTATIONS = ("harmonic", "full")
+
+
+def leaky_soft_threshold(z: torch.Tensor, theta: torch.Tensor, alpha: float) -> torch.Tensor:
+    """LST (paper eq. 11): ``z - theta`` above theta, ``alpha (z - theta)`` below. alpha = 0 gives NST."""
+    shifted = z - theta
+    if alpha == 0:
+        return torch.clamp(shifted, min=0)
+    return torch.where(shifted >= 0, shifted, alpha * shifted)
+
+
+class _Layer(nn.Module):
+    """Step and threshold of one layer, learned as multipliers of their ISTA values
+    (so that Adam's learning rate means a relative change whatever the intensity scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.eta = nn.Parameter(torch.tensor(1.0))
+        self.theta = nn.Parameter(torch.tensor(1.0))
+
+    def ops(self, image_hw):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class SPoDLayer(_Layer):
+    def __init__(self, psf: torch.Tensor, n_channels: int, orientation: str, n_harmonics: int):
+        super().__init__()
+        self.n_channels = n_channels
+        self.orientation = orientation
+        self.g = nn.Parameter(psf.detach().clone())
+        c = n_channels
+        if orientation == "harmonic":
+            coeffs = torch.zeros(2 * n_harmonics + 1, dtype=psf.dtype)
+            coeffs[0] = 0.5
+            if n_harmonics >= 1:
+                coeffs[1] = 0.5  # cos^2(pi d / c) = 1/2 + 1/2 cos(2 pi d / c)
+            self.h = nn.Parameter(coeffs)
+            self.register_buffer("basis", torch.as_tensor(harmonic_basis(c, n_harmonics), dtype=psf.dtype))
+        else:
+            d = torch.arange(c, dtype=torch.float64)
+            self.h = nn.Parameter(torch.cos(math.pi * d / c).pow(2).to(psf.dtype))
+
+    def orientation_filter(self) -> torch.Tensor:
+        """h as a length-c vector ``h[d]``, d = 0..c-1."""
+        return self.h @ self.basis if self.orientation == "harmonic" else self.h
+
+    def ops(self, image_hw):
+        s = fft_shape(tuple(int(v) for v in image_hw))
+        g_spec = torch.fft.rfft2(self.g, s=s)
+        if self.orientation == "harmonic":
+            left, right = harmonic_left_factor(self.h, self.n_channels), self.basis
+        else:
+            left, right = circulant(self.h), None
+        shape = tuple(self.g.shape)
+        return (lambda x: SeparableSPoDConv.forward(x, g_spec, left, right, shape),
+                lambda r: SeparableSPoDConv.adjoint(r, g_spec, left, right, shape))
+
+
+class LISTALayer(_Layer):
+    def __init__(self, psf: torch.Tensor, n_channels: int):
+        super().__init__()
+        from .physics import mixing_matrix
+
+        mix = torch.as_tensor(mixing_matrix(n_channels), dtype=psf.dtype, device=psf.device)
+        self.weight = nn.Parameter(mix[:, :, None, None] * psf.detach()[None, None])  # (c_out, c_in, a, b)
+
+    def ops(self, image_hw):
+        a, b = self.weight.shape[-2:]
+        h, w = (int(v) for v in image_hw)
+        s = fft_shape((h, w))
+        spec = torch.fft.rfft2(self.weight, s=s)
+
+        def fwd(x):
+            yf = torch.einsum("tkuv,...kuv->...tuv", spec, torch.fft.rfft2(x, s=s))
+            return torch.fft.irfft2(yf, s=s)[..., a - 1:h, b - 1:w]
+
+        def adj(r):
+            padded = torch.nn.functional.pad(r, (b - 1, s[1] - w, a - 1, s[0] - h))
+            xf = torch.einsum("tkuv,...tuv->...kuv", spec.conj(), torch.fft.rfft2(padded))
+            return torch.fft.irfft2(xf, s=s)[..., :h, :w]
+
+        return fwd, adj
+
+
+class UnrolledISTA(nn.Module):
+    """Shared skeleton: a growing list of layers, the layer loop, spectra caching, config."""
+
+    architecture = "unrolled"
+
+    def __init__(self, psf, n_channels: int = 18, n_layers: int = 10, lam: float = 0.05, alpha: float = 0.1,
+                 threshold: str = "lst", lipschitz: float | None = None, dtype=torch.float32):
+        super().__init__()
+        if threshold not in THRESHOLDS:
+            raise SPoDInputError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
+        if n_layers < 0:
+            raise SPoDInputError(f"n_layers must be >= 0, got {n_layers}")
+        if alpha < 0:
+            raise SPoDInputError(f"alpha must be >= 0, got {alpha}")
+        psf_t = torch.as_tensor(check_psf(psf, normalize=False), dtype=dtype)
+        self.register_buffer("psf", psf_t)
+        self.n_channels = int(n_channels)
+        self.lam = float(lam)
+        self.alpha = float(alpha) if threshold == "lst" else 0.0
+        self.threshold = threshold
+        if lipschitz is None:
+            lipschitz = (self.n_channels / 2) ** 2 * float(psf_t.abs().sum()) ** 2
+        self.register_buffer("eta_scale", torch.tensor(1.0 / float(lipschitz), dtype=dtype))
+        self.register_buffer("theta_scale", torch.tensor(self.lam / float(lipschitz), dtype=dtype))
+        self.layers = nn.ModuleList()
+        self._cache: dict = {}
+        self.metadata: dict = {}
+        for _ in range(n_layers):
+            self.add_layer()
+
+    @property
+    def psf_shape(self) -> tuple[int, int]:
+        return tuple(self.psf.shape)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def _new_layer(self) -> _Layer:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def add_layer(self) -> _Layer:
+        """Append a layer initialised as one ISTA step; returns it."""
+        layer = self._new_layer().to(device=self.psf.device, dtype=self.psf.dtype)
+        self.layers.append(layer)
+        return layer
+
+    def _ops(self, m: int, image_hw):
+        """Per-layer (forward, adjoint); the filter spectra are cached while the parameters do not change."""
+        if torch.is_grad_enabled():
+            return self.layers[m].ops(image_hw)
+        params = list(self.layers[m].parameters())
+        key = (m, tuple(image_hw), tuple(p._version for p in params), params[0].device, params[0].dtype)
+        ops = self._cache.get(key)
+        if ops is None:
+            if len(self._cache) > 4 * max(self.n_layers, 1):
+                self._cache.clear()
+            ops = self._cache[key] = self.layers[m].ops(image_hw)
+        return ops
+
+    def forward(self, y: torch.Tensor, n_layers: int | None = None, post_threshold: bool = True) -> torch.Tensor:
+        """Recover images: (..., c, H, W) -> (..., c, H+a-1, W+b-1), non-negative unless told otherwise."""
+        if y.ndim < 3 or y.shape[-3] != self.n_channels:
+            raise SPoDInputError(f"expected (..., {self.n_channels}, H, W), got {tuple(y.shape)}")
+        n_layers = self.n_layers if n_layers is None else int(n_layers)
+        if n_layers < 1:
+            raise SPoDInputError("the network has no layers")
+        a, b = self.psf_shape
+        image_hw = (y.shape[-2] + a - 1, y.shape[-1] + b - 1)
+        size_ratio = (y.shape[-2] * y.shape[-1]) / (image_hw[0] * image_hw[1])  # A / B
+        x = None
+        for m in range(n_layers):
+            layer = self.layers[m]
+            fwd, adj = self._ops(m, image_hw)
+            eta = layer.eta * self.eta_scale
+            theta = layer.theta * self.theta_scale * size_ratio
+            z = -eta * adj(-y) if x is None else x - eta * adj(fwd(x) - y)
+            x = leaky_soft_threshold(z, theta, self.alpha)
+        return torch.clamp(x, min=0) if post_threshold else x
+
+    @torch.no_grad()
+    def recover(self, y: torch.Tensor) -> torch.Tensor:
+        """Inference without autograd: (..., c, H, W) -> (..., c, h, w)."""
+        return self.forward(y)
+
+    def config(self) -> dict:
+        """Constructor arguments (without the PSF tensor), stored in checkpoints."""
+        return {"architecture": self.architecture, "n_channels": self.n_channels, "n_layers": self.n_layers,
+                "lam": self.lam, "alpha": self.alpha, "threshold": self.threshold,
+                "lipschitz": float(1.0 / self.eta_scale.item()), "psf_shape": list(self.psf_shape)}
+
+    def truncated(self, n_layers: int) -> "UnrolledISTA":
+        """A copy with only the first ``n_layers`` layers."""
+        cfg = self.config()
+        cfg.pop("architecture"), cfg.pop("psf_shape")
+        cfg["n_layers"] = n_layers
+        clone = type(self)(self.psf.cpu().numpy(), **cfg, dtype=self.psf.dtype).to(device=self.psf.device)
+        state = {k: v for k, v in self.state_dict().items()
+                 if not k.startswith("layers.") or int(k.split(".")[1]) < n_layers}
+        clone.load_state_dict(state)
+        clone.metadata = dict(self.metadata)
+        return clone
+
+
+class SPoDNet(UnrolledISTA):
+    """SPoD-Net: depthwise-separable filters ``g_m (a x b)`` and an orientation filter ``h_m``.
+
+    Parameters per layer: ``a*b`` (g) + ``2K+1`` (harmonic h) or ``c`` (full h) + eta + theta.
+    """
+
+    architecture = "spodnet"
+
+    def __init__(self, psf, n_channels: int = 18, n_layers: int = 10, lam: float = 0.05, alpha: float = 0.1,
+                 threshold: str = "lst", orientation: str = "harmonic", n_harmonics: int = 1,
+                 lipschitz: float | None = None, dtype=torch.float32):
+        if orientation not in ORIENTATIONS:
+            raise SPoDInputError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
+        if orientation == "harmonic" and not 0 <= n_harmonics <= (n_channels - 1) // 2:
+            raise SPoDInputError(f"n_harmonics must be in 0..{(n_channels - 1) // 2}, got {n_harmonics}")
+        self.orientation = orientation
+        self.n_harmonics = int(n_harmonics)
+        super().__init__(psf, n_channels, n_layers, lam, alpha, threshold, lipschitz, dtype)
+
+    def _new_layer(self):
+        return SPoDLayer(self.psf, self.n_channels, self.orientation, self.n_harmonics)
+
+    @classmethod
+    def from_operator(cls, op: SPoDOperator, n_layers: int = 10, lam: float = 0.05, alpha: float = 0.1,
+                      threshold: str = "lst", orientation: str = "harmonic", n_harmonics: int = 1) -> "SPoDNet":
+        """Untrained network = ``n_layers`` ISTA iterations with ista's default step (exact for alpha = 0)."""
+        net = cls(op.psf.detach().cpu().numpy(), op.n_channels, n_layers, lam, alpha, threshold, orientation,
+                  n_harmonics, lipschitz=op.lipschitz_bound(), dtype=op.dtype)
+        return net.to(device=op.device, dtype=op.dtype)
+
+    def config(self) -> dict:
+        cfg = super().config()
+        cfg.update(orientation=self.orientation, n_harmonics=self.n_harmonics)
+        return cfg
+
+
+class LISTANet(UnrolledISTA):
+    """LISTA-Net (the paper's ISTA-LST): a full ``(c, c, a, b)`` filter bank per layer."""
+
+    architecture = "listanet"
+
+    def _new_layer(self):
+        return LISTALayer(self.psf, self.n_channels)
+
+    @classmethod
+    def from_operator(cls, op: SPoDOperator, n_layers: int = 10, lam: float = 0.05, alpha: float = 0.1,
+                      threshold: str = "lst") -> "LISTANet":
+        net = cls(op.psf.detach().cpu().numpy(), op.n_channels, n_layers, lam, alpha, threshold,
+                  lipschitz=op.lipschitz_bound(), dtype=op.dtype)
+        return net.to(device=op.device, dtype=op.dtype)
+
+
+ARCHITECTURES = {"spodnet": SPoDNet, "listanet": LISTANet}
+
+
+def build_network(config: dict, psf) -> UnrolledISTA:
+    """Rebuild an (untrained) network from :meth:`UnrolledISTA.config` and its PSF."""
+    cfg = dict(config)
+    arch = cfg.pop("architecture")
+    cfg.pop("psf_shape", None)
+    if arch not in ARCHITECTURES:
+        raise SPoDInputError(f"unknown architecture {arch!r}")
+    return ARCHITECTURES[arch](psf, **cfg)
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())

@@ -1,0 +1,279 @@
+"""The SPoD forward model (method.md section 3) and its objective (section 4).
+
+Shapes: an image ``x`` is ``(..., c, h, w)``, an observation ``y`` is
+``(..., c, H, W)`` with ``H = h - a + 1`` and ``W = w - b + 1`` for an ``(a, b)`` PSF.
+
+Two facts make the operator fast (both are checked in the tests):
+
+* The polarization mixing ``C[t, k] = cos^2(pi (t - k) / c)`` equals
+  ``1/2 + 1/2 cos(2 pi (t - k) / c)``: a circulant matrix of rank 3. Any circulant
+  mixing with only the orientation harmonics ``0..K`` factorises as ``U @ V`` with
+  ``V`` the ``(2K + 1, c)`` harmonic basis, so a pass needs ``2K + 1`` FFTs
+  instead of ``c``. :class:`SeparableSPoDConv` implements this once; the physics
+  operator (K = 1, fixed PSF) and the learned SPoD-Net layers both use it.
+* A valid convolution is a crop of a circular one: no padding to ``h + a - 1``,
+  and the FFT size is rounded up to a fast length only.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import scipy.fft
+import torch
+
+from .validation import DEFAULT_CHANNELS, SPoDInputError, check_psf
+
+
+def mixing_matrix(n_channels: int = DEFAULT_CHANNELS, dtype=np.float64) -> np.ndarray:
+    """The polarization mixing ``C[t, k] = cos^2(pi (t - k) / c)``, shape (c, c)."""
+    t = np.arange(n_channels)
+    return (np.cos(np.pi * (t[:, None] - t[None, :]) / n_channels) ** 2).astype(dtype)
+
+
+def harmonic_basis(n_channels: int, n_harmonics: int) -> np.ndarray:
+    """Rows ``[1, cos(2 pi k/c), sin(2 pi k/c), cos(4 pi k/c), ...]``, shape (2K+1, c)."""
+    k = np.arange(n_channels)
+    rows = [np.ones(n_channels)]
+    for j in range(1, n_harmonics + 1):
+        rows += [np.cos(2 * np.pi * j * k / n_channels), np.sin(2 * np.pi * j * k / n_channels)]
+    return np.stack(rows)
+
+
+def harmonic_left_factor(coefficients: torch.Tensor, n_channels: int) -> torch.Tensor:
+    """Left factor ``U`` (c, 2K+1) of a circulant mixing given by its harmonics.
+
+    ``coefficients`` is ``[a0, a1, b1, a2, b2, ...]`` (length 2K+1) describing the
+    orientation filter ``h_d = a0 + sum_j a_j cos(2 pi j d/c) + b_j sin(2 pi j d/c)``.
+    Then ``sum_k h[(t - k) mod c] x_k = (U @ V @ x)_t`` with ``V`` from :func:`harmonic_basis`.
+    Differentiable in ``coefficients``.
+    """
+    n_harmonics = (coefficients.shape[-1] - 1) // 2
+    t = torch.arange(n_channels, dtype=coefficients.dtype, device=coefficients.device)
+    cols = [coefficients[0].expand(n_channels)]
+    for j in range(1, n_harmonics + 1):
+        a, b = coefficients[2 * j - 1], coefficients[2 * j]
+        cos_t, sin_t = torch.cos(2 * math.pi * j * t / n_channels), torch.sin(2 * math.pi * j * t / n_channels)
+        cols += [a * cos_t + b * sin_t, a * sin_t - b * cos_t]
+    return torch.stack(cols, dim=-1)
+
+
+def circulant(h: torch.Tensor) -> torch.Tensor:
+    """Circulant matrix ``M[t, k] = h[(t - k) mod c]`` of an orientation filter h (c,)."""
+    c = h.shape[-1]
+    idx = (torch.arange(c)[:, None] - torch.arange(c)[None, :]) % c
+    return h[idx.to(h.device)]
+
+
+@lru_cache(maxsize=256)
+def fft_shape(image_shape: tuple[int, int]) -> tuple[int, int]:
+    """Fast FFT lengths at least as large as the image (valid = crop of circular)."""
+    return (scipy.fft.next_fast_len(int(image_shape[0]), real=True),
+            scipy.fft.next_fast_len(int(image_shape[1]), real=True))
+
+
+def kernel_spectrum(kernel: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """rFFT of a (…, a, b) kernel zero-padded to ``shape``; differentiable."""
+    return torch.fft.rfft2(kernel, s=shape)
+
+
+class SeparableSPoDConv:
+    """Valid convolution with the separable SPoD filter ``p_t[i,j,k] = g[i,j] h[(t-k) mod c]``.
+
+    The channel mixing is given in factored form ``M = U @ V`` (U: (c, r), V: (r, c));
+    r = 3 for the physics (harmonics 0 and 1), r = c for a general orientation filter
+    (V = identity). All functions are plain torch and differentiable, so the same
+    code serves the fixed physics operator and the trained network layers.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, g_spectrum: torch.Tensor, left: torch.Tensor, right: torch.Tensor | None,
+                kernel_shape: tuple[int, int]) -> torch.Tensor:
+        """(..., c, h, w) -> (..., c, h-a+1, w-b+1)."""
+        a, b = kernel_shape
+        h, w = x.shape[-2:]
+        s = _spatial_fft_shape(g_spectrum, h, w)
+        z = x if right is None else torch.einsum("rk,...khw->...rhw", right, x)
+        zf = torch.fft.rfft2(z, s=s)
+        blurred = torch.fft.irfft2(zf * g_spectrum, s=s)[..., a - 1:h, b - 1:w]
+        return torch.einsum("tr,...rhw->...thw", left, blurred)
+
+    @staticmethod
+    def adjoint(y: torch.Tensor, g_spectrum: torch.Tensor, left: torch.Tensor, right: torch.Tensor | None,
+                kernel_shape: tuple[int, int]) -> torch.Tensor:
+        """(..., c, H, W) -> (..., c, H+a-1, W+b-1); the exact transpose of :meth:`forward`."""
+        a, b = kernel_shape
+        big_h, big_w = y.shape[-2:]
+        h, w = big_h + a - 1, big_w + b - 1
+        s = _spatial_fft_shape(g_spectrum, h, w)
+        r = torch.einsum("tr,...thw->...rhw", left, y)
+        padded = torch.nn.functional.pad(r, (b - 1, s[1] - w, a - 1, s[0] - h))
+        corr = torch.fft.irfft2(torch.fft.rfft2(padded) * g_spectrum.conj(), s=s)[..., :h, :w]
+        return corr if right is None else torch.einsum("rk,...rhw->...khw", right, corr)
+
+
+def _spatial_fft_shape(g_spectrum: torch.Tensor, h: int, w: int) -> tuple[int, int]:
+    s = (g_spectrum.shape[-2], 2 * (g_spectrum.shape[-1] - 1))
+    if s[0] < h or s[1] < w:
+        raise ValueError(f"kernel spectrum of size {s} is too small for images of size {(h, w)}")
+    return s
+
+
+class SPoDOperator:
+    """Linear SPoD forward model ``A``: ``y_t = sum_k C[t,k] conv_valid(phi, x_k)``.
+
+    Parameters
+    ----------
+    psf : (a, b) array or tensor
+        Point spread function, validated (non-negative, positive sum). It is used as
+        given; :func:`~napari_spodnet.core.validation.check_psf` normalises it to sum 1
+        only when ``normalize_psf`` is true (the default).
+    n_channels : int
+        Polarization steps ``c`` (18 in the paper).
+    device, dtype : torch device and floating dtype (float32 by default; float64 for tests).
+    """
+
+    n_harmonics = 1
+
+    def __init__(self, psf, n_channels: int = DEFAULT_CHANNELS, *, device=None, dtype=None,
+                 normalize_psf: bool = True):
+        if isinstance(psf, torch.Tensor):
+            device = psf.device if device is None else device
+            dtype = psf.dtype if dtype is None else dtype
+        self.device = torch.device(device or "cpu")
+        self.dtype = dtype or torch.float32
+        if self.dtype not in (torch.float32, torch.float64):
+            raise SPoDInputError(f"dtype must be float32 or float64, got {self.dtype}")
+        psf_np = check_psf(psf, normalize=normalize_psf)
+        self.n_channels = int(n_channels)
+        self.psf = torch.as_tensor(psf_np, dtype=self.dtype, device=self.device)
+        self.psf_shape = tuple(self.psf.shape)
+        basis = torch.as_tensor(harmonic_basis(self.n_channels, 1), dtype=self.dtype, device=self.device)
+        # cos^2(pi d / c) = 1/2 + 1/2 cos(2 pi d / c): harmonic coefficients [1/2, 1/2, 0].
+        coeffs = torch.tensor([0.5, 0.5, 0.0], dtype=self.dtype, device=self.device)
+        self._right = basis
+        self._left = harmonic_left_factor(coeffs, self.n_channels)
+        self._spectra: dict[tuple[int, int], torch.Tensor] = {}
+
+    # -- shapes -------------------------------------------------------------------
+    def image_shape(self, observation_shape) -> tuple[int, int]:
+        """(H, W) of an observation -> (h, w) of the image it sees."""
+        H, W = observation_shape[-2:]
+        return H + self.psf_shape[0] - 1, W + self.psf_shape[1] - 1
+
+    def observation_shape(self, image_shape) -> tuple[int, int]:
+        h, w = image_shape[-2:]
+        return h - self.psf_shape[0] + 1, w - self.psf_shape[1] + 1
+
+    def _spectrum(self, image_hw) -> torch.Tensor:
+        s = fft_shape(tuple(int(v) for v in image_hw))
+        spec = self._spectra.get(s)
+        if spec is None:
+            spec = self._spectra[s] = kernel_spectrum(self.psf, s)
+        return spec
+
+    def to(self, device=None, dtype=None) -> "SPoDOperator":
+        """A copy on another device / dtype."""
+        return SPoDOperator(self.psf, self.n_channels, device=device or self.device, dtype=dtype or self.dtype,
+                            normalize_psf=False)
+
+    def _check(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            t = torch.as_tensor(np.asarray(t))
+        if t.ndim < 3 or t.shape[-3] != self.n_channels:
+            raise SPoDInputError(f"{what} must be (..., {self.n_channels}, rows, cols), got {tuple(t.shape)}")
+        return t.to(device=self.device, dtype=self.dtype)
+
+    # -- the operator ---------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A x: (..., c, h, w) -> (..., c, h-a+1, w-b+1)."""
+        x = self._check(x, "x")
+        if x.shape[-2] < self.psf_shape[0] or x.shape[-1] < self.psf_shape[1]:
+            raise SPoDInputError(f"The PSF {self.psf_shape} is larger than the image {tuple(x.shape[-2:])}.")
+        return SeparableSPoDConv.forward(x, self._spectrum(x.shape[-2:]), self._left, self._right, self.psf_shape)
+
+    __call__ = forward
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """A^T y: (..., c, H, W) -> (..., c, H+a-1, W+b-1)."""
+        y = self._check(y, "y")
+        return SeparableSPoDConv.adjoint(y, self._spectrum(self.image_shape(y.shape)), self._left, self._right,
+                                         self.psf_shape)
+
+    def sizes(self, y_shape) -> tuple[int, int]:
+        """Normalisation constants (A, B) of the objective: observation and image element counts."""
+        h, w = self.image_shape(y_shape)
+        return self.n_channels * y_shape[-2] * y_shape[-1], self.n_channels * h * w
+
+    def gradient(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Gradient of the data term ``1/(2A) ||A x - y||^2`` with respect to x."""
+        n_obs, _ = self.sizes(y.shape)
+        return self.adjoint(self.forward(x) - y) / n_obs
+
+    def objective(self, y: torch.Tensor, x: torch.Tensor, lam: float) -> torch.Tensor:
+        """``L(Y, x) = 1/(2A) sum_t ||y_t - (A x)_t||^2 + lam/B ||x||_1``, one value per batch item.
+
+        Returns a tensor of shape ``y.shape[:-3]`` (a 0-d tensor for a single observation).
+        """
+        y = self._check(y, "y")
+        x = self._check(x, "x")
+        n_obs, n_img = self.sizes(y.shape)
+        residual = self.forward(x) - y
+        data = residual.pow(2).sum(dim=(-3, -2, -1)) / (2 * n_obs)
+        return data + lam / n_img * x.abs().sum(dim=(-3, -2, -1))
+
+    # -- Lipschitz constant of A^T A --------------------------------------------------
+    def lipschitz_bound(self) -> float:
+        """``||A||^2 <= (c/2)^2 (sum |phi|)^2``: exact in the large-image limit for a non-negative PSF."""
+        return float((self.n_channels / 2) ** 2 * self.psf.abs().sum().item() ** 2)
+
+    def lipschitz(self, image_shape=None, n_iter: int = 50, seed: int = 0) -> float:
+        """Largest eigenvalue of ``A^T A`` by power iteration on images of ``image_shape``.
+
+        Without a shape, the closed-form bound :meth:`lipschitz_bound` is returned.
+        """
+        if image_shape is None:
+            return self.lipschitz_bound()
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        v = torch.rand((self.n_channels, *image_shape[-2:]), generator=gen, dtype=torch.float64)
+        v = (v / v.norm()).to(device=self.device, dtype=self.dtype)
+        value = 0.0
+        for _ in range(n_iter):
+            w = self.adjoint(self.forward(v))
+            value = float(w.norm().item())
+            v = w / value
+        return value
+
+
+def lipschitz_step(op: SPoDOperator) -> float:
+    """Default ISTA/FISTA step on the normalised objective: ``A / ||A||^2`` per observation size."""
+    return 1.0 / op.lipschitz_bound()
+
+
+# -- direct spatial reference (the paper's formulation) -------------------------------
+
+def direct_forward(x: torch.Tensor, psf: torch.Tensor, n_channels: int = DEFAULT_CHANNELS) -> torch.Tensor:
+    """Reference ``A x`` as the paper writes it: one (a, b, c) filter ``a_t`` per output channel.
+
+    A plain spatial convolution over all ``c x c`` channel pairs (``torch.conv2d``); slow,
+    kept for tests and as the benchmark baseline. (..., c, h, w) -> (..., c, H, W).
+    """
+    c = n_channels
+    mix = torch.as_tensor(mixing_matrix(c), dtype=x.dtype, device=x.device)
+    # conv2d computes cross-correlation; flipping the PSF gives the physical convolution.
+    weight = mix[:, :, None, None] * torch.flip(psf, dims=(-2, -1)).to(x)[None, None]
+    lead = x.shape[:-3]
+    out = torch.nn.functional.conv2d(x.reshape(-1, *x.shape[-3:]), weight)
+    return out.reshape(*lead, *out.shape[-3:])
+
+
+def direct_adjoint(y: torch.Tensor, psf: torch.Tensor, n_channels: int = DEFAULT_CHANNELS) -> torch.Tensor:
+    """Reference ``A^T y`` (the paper's transposed convolution, eq. 2)."""
+    c = n_channels
+    mix = torch.as_tensor(mixing_matrix(c), dtype=y.dtype, device=y.device)
+    weight = mix[:, :, None, None] * torch.flip(psf, dims=(-2, -1)).to(y)[None, None]
+    lead = y.shape[:-3]
+    out = torch.nn.functional.conv_transpose2d(y.reshape(-1, *y.shape[-3:]), weight)
+    return out.reshape(*lead, *out.shape[-3:])
