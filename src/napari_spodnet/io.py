@@ -370,7 +370,10 @@ def read_observation(
     try:
         series = tf.series[0]
         shape, axes = tuple(series.shape), series.axes
-        layout = _plan_layout(shape, axes, n, axis)
+        try:
+            layout = _plan_layout(shape, axes, n, axis)
+        except SPoDInputError as exc:
+            raise SPoDInputError(f"{p.name}: {exc}") from exc
         dtype = np.dtype(series.dtype)
         if dtype.kind not in "uif":
             raise _file_error(p, f"pixel type {dtype} is not a real number type.")

@@ -178,8 +178,12 @@ class UnrolledISTA(nn.Module):
             ops = self._cache[key] = self.layers[m].ops(image_hw)
         return ops
 
-    def forward(self, y: torch.Tensor, n_layers: int | None = None, post_threshold: bool = True) -> torch.Tensor:
-        """Recover images: (..., c, H, W) -> (..., c, H+a-1, W+b-1), non-negative unless told otherwise."""
+    def forward(self, y: torch.Tensor, n_layers: int | None = None, post_threshold: bool = True,
+                size_ratio: float | None = None) -> torch.Tensor:
+        """Recover images: (..., c, H, W) -> (..., c, H+a-1, W+b-1), non-negative unless told otherwise.
+
+        ``size_ratio`` overrides ``A / B`` (used when a tile stands for a larger image).
+        """
         if y.ndim < 3 or y.shape[-3] != self.n_channels:
             raise SPoDInputError(f"expected (..., {self.n_channels}, H, W), got {tuple(y.shape)}")
         n_layers = self.n_layers if n_layers is None else int(n_layers)
@@ -187,7 +191,8 @@ class UnrolledISTA(nn.Module):
             raise SPoDInputError("the network has no layers")
         a, b = self.psf_shape
         image_hw = (y.shape[-2] + a - 1, y.shape[-1] + b - 1)
-        size_ratio = (y.shape[-2] * y.shape[-1]) / (image_hw[0] * image_hw[1])  # A / B
+        if size_ratio is None:
+            size_ratio = (y.shape[-2] * y.shape[-1]) / (image_hw[0] * image_hw[1])  # A / B
         x = None
         for m in range(n_layers):
             layer = self.layers[m]
@@ -199,9 +204,9 @@ class UnrolledISTA(nn.Module):
         return torch.clamp(x, min=0) if post_threshold else x
 
     @torch.no_grad()
-    def recover(self, y: torch.Tensor) -> torch.Tensor:
+    def recover(self, y: torch.Tensor, size_ratio: float | None = None) -> torch.Tensor:
         """Inference without autograd: (..., c, H, W) -> (..., c, h, w)."""
-        return self.forward(y)
+        return self.forward(y, size_ratio=size_ratio)
 
     def config(self) -> dict:
         """Constructor arguments (without the PSF tensor), stored in checkpoints."""

@@ -290,6 +290,7 @@ def render_filament(points, shape, n_channels: int = DEFAULT_CHANNELS, intensity
     if pts.ndim != 2 or pts.shape[1] != 2 or pts.shape[0] < 2:
         raise SPoDInputError(f"points must be an (n, 2) array of (row, col) with n >= 2, got shape {pts.shape}.")
     spacing = _check_positive(spacing, "spacing")
+    n_channels = _check_channels(n_channels)
     h, w = _check_shape(shape, "shape")
     seg = np.diff(pts, axis=0)
     seg_len = np.hypot(seg[:, 0], seg[:, 1])
@@ -326,9 +327,17 @@ def render_puncta(positions, orientations, intensities, shape, n_channels: int =
     intensities : (n,) total photons per point (scalar broadcasts).
     shape : (h, w) of the image.
     """
-    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+    pos = np.asarray(positions, dtype=np.float64)
+    if pos.ndim != 2 or pos.shape[1] != 2:
+        raise SPoDInputError(f"positions must be an (n, 2) array of (row, col), got shape {pos.shape}.")
     h, w = _check_shape(shape, "shape")
-    return _splat((h, w), n_channels, pos[:, 0], pos[:, 1], orientations, intensities)
+    phi = np.asarray(orientations, dtype=np.float64)
+    inten = np.asarray(intensities, dtype=np.float64)
+    for name, arr in (("orientations", phi), ("intensities", inten)):
+        if arr.ndim > 1 or (arr.ndim == 1 and len(arr) != len(pos)):
+            raise SPoDInputError(f"{name} must be a scalar or have one value per position ({len(pos)}), "
+                                 f"got shape {arr.shape}.")
+    return _splat((h, w), _check_channels(n_channels), pos[:, 0], pos[:, 1], phi, inten)
 
 
 # -- random structures ------------------------------------------------------------------
@@ -495,6 +504,14 @@ def _check_shape(shape, what: str) -> tuple[int, int]:
     return int(dims[0]), int(dims[1])
 
 
+def _check_channels(n_channels) -> int:
+    if isinstance(n_channels, bool) or not isinstance(n_channels, (int, np.integer)) or n_channels < 3:
+        raise SPoDInputError(
+            f"n_channels must be an integer >= 3 (the cos^2 mixing needs at least 3 polarization steps), "
+            f"got {n_channels!r}.")
+    return int(n_channels)
+
+
 def _check_count(value, what: str):
     if value is None:
         return None
@@ -505,10 +522,7 @@ def _check_count(value, what: str):
 
 def _check_common(shape, n_channels, psf, seed, n_filaments, n_puncta, photons, background, offset, read_noise):
     H, W = _check_shape(shape, "shape")
-    if isinstance(n_channels, bool) or not isinstance(n_channels, (int, np.integer)) or n_channels < 3:
-        raise SPoDInputError(
-            f"n_channels must be an integer >= 3 (the cos^2 mixing needs at least 3 polarization steps), "
-            f"got {n_channels!r}.")
+    n_channels = _check_channels(n_channels)
     psf_arr = default_psf() if psf is None else check_psf(psf, normalize=True).astype(np.float32)
     a, b = psf_arr.shape
     if H < a or W < b:
@@ -533,25 +547,45 @@ def _check_common(shape, n_channels, psf, seed, n_filaments, n_puncta, photons, 
         _check_count(n_puncta, "n_puncta"), values["photons"], values["background"], offset, values["read_noise"]
 
 
-def _scale_and_blur(truth64: np.ndarray, op: SPoDOperator, photons: float):
-    """Scale a raw truth so that the brightest expected pixel is ``photons``; return float32 truth, clean, scale."""
-    raw_clean = op.forward(torch.from_numpy(truth64)).numpy()
-    peak = float(raw_clean.max()) if raw_clean.size else 0.0
+def _blur_and_scale(frames, n_frames: int, op: SPoDOperator, image_shape, photons: float):
+    """Blur rendered truth frames and scale them so that the brightest expected pixel is ``photons``.
+
+    ``frames`` yields (c, h, w) float64 images. Returns float32 truth (T, c, h, w), float32
+    clean (T, c, H, W) and the scale (photons per unit of the rendered image). The float32
+    truth itself is blurred, and blurring is linear, so ``clean == op.forward(truth)`` up to
+    float32 rounding. Frame by frame keeps the memory at one float64 frame.
+    """
+    c = op.n_channels
+    h, w = image_shape
+    H, W = op.observation_shape(image_shape)
+    truth = np.empty((n_frames, c, h, w), dtype=np.float32)
+    clean = np.empty((n_frames, c, H, W), dtype=np.float32)
+    for t, frame in enumerate(frames):
+        truth[t] = frame
+        clean[t] = op.forward(torch.from_numpy(truth[t])).numpy()
+    # FFT round-off leaves values of order -1e-16 where there is nothing: clip for Poisson.
+    np.clip(clean, 0.0, None, out=clean)
+    peak = float(clean.max())
     scale = photons / peak if peak > 0 else 0.0
-    truth = (truth64 * scale).astype(np.float32)
-    # Blur the float32 truth itself, so that clean == op.forward(truth) up to float32 rounding.
-    clean = op.forward(torch.from_numpy(truth)).numpy()
-    return truth, np.clip(clean, 0.0, None).astype(np.float32), scale
+    truth *= np.float32(scale)
+    clean *= np.float32(scale)
+    return truth, clean, scale
 
 
 def _camera(rng, clean: np.ndarray, background: float, offset: float, read_noise: float, noise: bool):
-    expected = clean.astype(np.float64) + background
-    if not noise:
-        return (expected + offset).astype(np.float32)
-    counts = rng.poisson(expected).astype(np.float64)
-    if read_noise > 0:
-        counts += rng.normal(0.0, read_noise, size=counts.shape)
-    return (counts + offset).astype(np.float32)
+    """Camera counts for (..., c, H, W) expected photons ``clean``: Poisson, then offset and read noise."""
+    out = np.empty(clean.shape, dtype=np.float32)
+    # One (c, H, W) frame at a time bounds the float64 temporaries for long time series.
+    for idx in np.ndindex(clean.shape[:-3]):
+        expected = clean[idx].astype(np.float64) + background
+        if noise:
+            counts = rng.poisson(expected).astype(np.float64)
+            if read_noise > 0:
+                counts += rng.normal(0.0, read_noise, size=counts.shape)
+        else:
+            counts = expected
+        out[idx] = counts + offset
+    return out
 
 
 def _default_count(value, density: float, area: float, minimum: int = 1) -> int:
@@ -604,8 +638,8 @@ def simulate(shape=(256, 256), n_channels: int = DEFAULT_CHANNELS, psf=None, see
     box = ((0.0, h - 1.0), (0.0, w - 1.0))
     filaments = _random_filaments(rng, n_filaments, box, (0.0, 0.0), 0.0)
     puncta = _random_puncta(rng, n_puncta, box, (0.0, 0.0), 0.0)
-    truth64 = _render_truth(filaments, puncta, (h, w), c)
-    truth, clean, scale = _scale_and_blur(truth64, op, photons)
+    truth, clean, scale = _blur_and_scale([_render_truth(filaments, puncta, (h, w), c)], 1, op, (h, w), photons)
+    truth, clean = truth[0], clean[0]
     observation = _camera(rng, clean, background, offset, read_noise, bool(noise))
     params = {
         "shape": (H, W), "image_shape": (h, w), "n_channels": c, "psf_shape": tuple(psf_arr.shape),
@@ -676,8 +710,8 @@ def simulate_time_series(n_frames: int = 10, shape=(128, 128), n_channels: int =
     n_pun = int(round(n_pun_view * area_ratio))
     filaments = _random_filaments(rng, n_fil, box, drift, speed)
     puncta = _random_puncta(rng, n_pun, box, drift, speed)
-    truth64 = np.stack([_render_truth(filaments, puncta, (h, w), c, frame=float(t)) for t in range(T)])
-    truth, clean, scale = _scale_and_blur(truth64, op, photons)
+    frames = (_render_truth(filaments, puncta, (h, w), c, frame=float(t)) for t in range(T))
+    truth, clean, scale = _blur_and_scale(frames, T, op, (h, w), photons)
     observation = _camera(rng, clean, background, offset, read_noise, bool(kw["noise"]))
     params = {
         "n_frames": T, "shape": (H, W), "image_shape": (h, w), "n_channels": c, "psf_shape": tuple(psf_arr.shape),
