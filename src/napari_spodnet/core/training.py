@@ -224,7 +224,7 @@ class Trainer:
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
         torch.manual_seed(cfg.seed)
-        start = time.perf_counter()
+        start = self._start = time.perf_counter()
         train = torch.as_tensor(random_crops(self.frames, cfg.n_crops, cfg.crop_size, rng, self.flips),
                                 device=self.device)
         val = torch.as_tensor(random_crops(self.val_frames, cfg.n_val_crops, cfg.crop_size,
@@ -290,6 +290,11 @@ class Trainer:
             best = copy.deepcopy(net)
             best._cache = {}
             self.best_state = (val_loss, best)
+
+    def finish_cancelled(self) -> UnrolledISTA:
+        """The best model so far, after an interruption outside :meth:`run_iter` (e.g. Ctrl-C)."""
+        self._cancel = True
+        return self._finish(getattr(self, "_start", time.perf_counter()), cancelled=True)
 
     def _finish(self, start: float, cancelled: bool) -> UnrolledISTA:
         net = self.net if not cancelled or self.best_state is None else self.best_state[1]

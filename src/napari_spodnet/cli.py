@@ -1,0 +1,360 @@
+"""The ``spodnet`` command: the same engine as the napari plugin, headless.
+
+    spodnet demo [--headless]                      # sample data -> FISTA and SPoD-Net, side by side
+    spodnet simulate -o DIR [--size N] [--frames T]
+    spodnet fista OBS.tif --psf PSF.tif -o OUT.tif [--lam L] [--iterations N]
+    spodnet train OBS.tif [OBS.tif ...] --psf PSF.tif --preset quick -o MODEL.safetensors
+    spodnet recover OBS.tif [--model MODEL] [--psf PSF.tif] -o OUT.tif
+
+Errors reach the user as one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+EXIT_ERROR = 2
+
+
+class _Progress:
+    """A one-line text progress bar on stderr (no-op when not a terminal and ``quiet``)."""
+
+    def __init__(self, label: str, quiet: bool = False):
+        self.label, self.quiet, self.last = label, quiet, -1.0
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        # On a terminal redraw one line; in a log write a line per quarter.
+        tty = sys.stderr.isatty()
+        if self.quiet or (fraction - self.last < (0.01 if tty else 0.25) and fraction < 1.0) or \
+                (fraction >= 1.0 and self.last >= 1.0):
+            return
+        self.last = fraction
+        if not tty:
+            sys.stderr.write(f"{self.label}: {fraction:5.1%} {message}\n")
+            return
+        bar = "#" * int(30 * fraction)
+        end = "\n" if fraction >= 1.0 else ""
+        sys.stderr.write(f"\r{self.label} [{bar:<30}] {fraction:5.1%} {message[:40]:<40}{end}")
+        sys.stderr.flush()
+
+
+def _recovery_progress(label, quiet):
+    bar = _Progress(label, quiet)
+
+    def callback(p):
+        bar(p.fraction, p.message)
+        return False
+
+    return callback, bar
+
+
+def _write_result(path, result, extra: dict, axes_single="CYX") -> Path:
+    from .io import write_stack
+
+    image = result.image
+    axes = axes_single if image.ndim == 3 else "TCYX"
+    meta = {"method": result.method, "lambda": result.lam, "seconds": round(result.seconds, 4),
+            "objective": result.objective if np.ndim(result.objective) == 0 else list(map(float, result.objective)),
+            "translate": list(result.translate), "normalization": {"offset": result.normalization.offset,
+                                                                   "scale": result.normalization.scale},
+            **result.info, **extra}
+    return write_stack(path, image, axes=axes, metadata=meta)
+
+
+def _load_observation(path, n_channels, memmap=True):
+    from .io import read_observation
+
+    return read_observation(path, n_channels=n_channels, memmap=memmap).data
+
+
+def cmd_simulate(args) -> int:
+    from .core.simulate import simulate, simulate_time_series
+    from .io import write_stack
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = (args.size, args.size)
+    if args.frames > 1:
+        sim = simulate_time_series(args.frames, shape, seed=args.seed, photons=args.photons)
+        axes = "TCYX"
+    else:
+        sim = simulate(shape, seed=args.seed, photons=args.photons)
+        axes = "CYX"
+    meta = {"source": "spodnet simulate", "seed": args.seed, "photons": args.photons}
+    write_stack(out / "observation.tif", sim.observation, axes=axes, metadata=meta)
+    write_stack(out / "psf.tif", sim.psf, axes="YX", metadata={"kind": "psf"})
+    write_stack(out / "truth.tif", sim.truth, axes=axes, metadata={**meta, "kind": "ground truth"})
+    print(f"wrote {out / 'observation.tif'} {tuple(sim.observation.shape)}, psf.tif {tuple(sim.psf.shape)}, "
+          f"truth.tif {tuple(sim.truth.shape)}")
+    return 0
+
+
+def cmd_fista(args) -> int:
+    from .core.recover import recover
+    from .io import read_psf
+
+    stack = _load_observation(args.observation, args.n_channels)
+    psf = read_psf(args.psf)
+    callback, _ = _recovery_progress("FISTA", args.quiet)
+    result = recover(stack, psf, method="fista", lam=args.lam, iterations=args.iterations, tol=args.tol,
+                     restart=not args.no_restart, device=args.device, tile=args.tile, normalize=not args.no_normalize,
+                     n_channels=args.n_channels, progress=callback)
+    path = _write_result(args.output, result, {"iterations": args.iterations, "psf_shape": list(psf.shape)})
+    print(f"FISTA: {result.seconds:.2f} s, objective {_fmt(result.objective)}, "
+          f"iterations {result.info.get('fista_iterations')}, wrote {path}")
+    return 0
+
+
+def cmd_recover(args) -> int:
+    from .core.recover import recover
+    from .io import read_psf
+
+    stack = _load_observation(args.observation, args.n_channels)
+    psf = read_psf(args.psf) if args.psf else None
+    callback, _ = _recovery_progress("SPoD-Net", args.quiet)
+    result = recover(stack, psf, method="spodnet", model=args.model, device=args.device, tile=args.tile,
+                     batch_size=args.batch_size, n_channels=args.n_channels, progress=callback)
+    path = _write_result(args.output, result, {"model": str(args.model or "default")})
+    print(f"SPoD-Net: {result.seconds:.2f} s, objective {_fmt(result.objective)}, wrote {path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .core.checkpoint import save_checkpoint
+    from .core.training import Trainer, TrainingConfig
+    from .io import read_psf
+
+    observations = [_load_observation(p, args.n_channels, memmap=False) for p in args.observations]
+    psf = read_psf(args.psf)
+    overrides = {k: v for k, v in dict(lam=args.lam, n_layers=args.layers, epochs=args.epochs, lr=args.lr,
+                                       crop_size=args.crop_size, n_crops=args.crops, batch_size=args.batch_size,
+                                       alpha=args.alpha, seed=args.seed, orientation=args.orientation,
+                                       architecture=args.architecture, preprocess=args.preprocess or None).items()
+                 if v is not None}
+    config = TrainingConfig.preset(args.preset, **overrides)
+    trainer = Trainer(observations, psf, config, device=args.device, n_channels=args.n_channels)
+    bar = _Progress("training", args.quiet)
+    gen = trainer.run_iter()
+    try:
+        while True:
+            update = next(gen)
+            bar(update.fraction, f"{update.message} loss {update.train_loss:.4g}")
+    except StopIteration as stop:
+        net = stop.value
+    except KeyboardInterrupt:
+        net = trainer.finish_cancelled()
+        print("\ninterrupted: saving the best model so far", file=sys.stderr)
+    net.metadata["name"] = Path(args.output).stem
+    net.metadata["psf_source"] = str(args.psf)
+    path = save_checkpoint(net, args.output)
+    summary = net.metadata["training"]
+    print(f"trained {net.n_layers} layers in {summary['seconds']:.1f} s on {summary['device']}: "
+          f"validation loss {summary['best_val_loss']:.6g}; wrote {path} ({path.stat().st_size / 1024:.1f} kB)")
+    return 0
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if np.ndim(value) == 0:
+        return f"{float(value):.6g}"
+    return f"mean {np.nanmean(value):.6g} over {len(value)} frames"
+
+
+def _has_display() -> bool:
+    if sys.platform.startswith(("win", "darwin")):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def cmd_demo(args) -> int:
+    if not args.headless and _has_display():
+        return _demo_gui(args)
+    if not args.headless:
+        print("No display found: running the headless demo (files instead of a napari window; "
+              "use --headless to choose this explicitly).")
+    return demo_headless(Path(args.output), size=args.size, seed=args.seed, iterations=args.iterations,
+                         device=args.device)
+
+
+def _demo_gui(args) -> int:
+    import napari
+
+    from .widgets import run_demo_in_viewer
+
+    print("Opening napari with the SPoD sample data and the four napari-spodnet widgets ...")
+    viewer = napari.Viewer(title="napari-spodnet demo")
+    run_demo_in_viewer(viewer)
+    if args.no_block:
+        return 0
+    napari.run()
+    return 0
+
+
+def demo_headless(out: Path, size: int = 256, seed: int = 0, iterations: int = 1000, device=None) -> int:
+    """Simulate, recover with FISTA and the shipped SPoD-Net, write TIFFs and a side-by-side PNG."""
+    from .core.recover import DEFAULT_MODEL_PATH, recover
+    from .core.simulate import simulate
+
+    out.mkdir(parents=True, exist_ok=True)
+    sim = simulate((size, size), seed=seed)
+    print(f"simulated a {size} x {size} x {sim.observation.shape[0]} SPoD observation (seed {seed}), "
+          f"PSF {sim.psf.shape[0]} x {sim.psf.shape[1]}")
+    rows = []
+    results = {}
+    if DEFAULT_MODEL_PATH.is_file():
+        net_result = recover(sim.observation, sim.psf, method="spodnet", device=device)
+        results["SPoD-Net"] = net_result
+        lam = net_result.lam
+    else:
+        print("no shipped SPoD-Net model in this installation: FISTA only")
+        lam = None
+    callback, _ = _recovery_progress("FISTA", False)
+    fista_result = recover(sim.observation, sim.psf, method="fista", lam=lam, iterations=iterations, tol=1e-6,
+                           device=device, progress=callback)
+    results = {"FISTA": fista_result, **results}
+    for name, res in results.items():
+        path = _write_result(out / f"{name.lower().replace('-', '')}.tif", res, {"demo": True})
+        rows.append((name, res.seconds, res.objective, path))
+    print(f"\n{'method':<10} {'seconds':>9} {'objective':>12}  file")
+    for name, sec, obj, path in rows:
+        print(f"{name:<10} {sec:9.3f} {obj:12.6g}  {path}")
+    if "SPoD-Net" in results:
+        speed = results["FISTA"].seconds / max(results["SPoD-Net"].seconds, 1e-9)
+        print(f"SPoD-Net was {speed:.0f}x faster than {fista_result.info['fista_iterations'][0]} FISTA iterations")
+    png = out / "comparison.png"
+    save_comparison_png(png, sim.observation, results, truth=sim.truth)
+    print(f"side-by-side picture: {png}")
+    return 0
+
+
+def save_comparison_png(path: Path, observation, results: dict, truth=None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .core.recover import orientation_composite, orientation_map
+
+    panels = [("observation (mean of 18)", np.asarray(observation).mean(axis=0), None)]
+    for name, res in results.items():
+        panels.append((f"{name}: {res.seconds:.2f} s, L = {res.objective:.4g}", res.intensity, None))
+    last = list(results.values())[-1]
+    panels.append(("orientation (hue) x intensity", None, orientation_composite(last.intensity, last.orientation)))
+    if truth is not None:
+        t_int = truth.sum(axis=0)
+        panels.append(("ground truth (orientation)", None, orientation_composite(t_int, orientation_map(truth))))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4))
+    for ax, (title, gray, rgb) in zip(axes, panels):
+        if rgb is not None:
+            ax.imshow(rgb)
+        else:
+            ax.imshow(gray, cmap="gray", vmin=np.percentile(gray, 1), vmax=np.percentile(gray, 99.7))
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spodnet", description="Fast SPoD image recovery: FISTA and SPoD-Net.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, device=True):
+        p.add_argument("--n-channels", type=int, default=18, help="polarization images per observation (18)")
+        if device:
+            p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: a GPU if present)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("demo", help="simulate, recover with FISTA and SPoD-Net, show or write the result")
+    p.add_argument("--headless", action="store_true", help="write files instead of opening napari")
+    p.add_argument("--no-block", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-o", "--output", default="spodnet-demo", help="output folder (headless)")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iterations", type=int, default=1000, help="FISTA iterations")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("simulate", help="write a synthetic observation, its PSF and ground truth")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--frames", type=int, default=1, help="time points (T > 1: a time series)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--photons", type=float, default=200.0, help="peak photons of the clean signal")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("fista", help="recover with FISTA")
+    p.add_argument("observation")
+    p.add_argument("--psf", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--lam", type=float, default=None, help="regularisation (default 0.05 on normalised data)")
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--tol", type=float, default=1e-6)
+    p.add_argument("--no-restart", action="store_true")
+    p.add_argument("--tile", type=int, default=None)
+    p.add_argument("--no-normalize", action="store_true", help="use intensities as given")
+    common(p)
+    p.set_defaults(func=cmd_fista)
+
+    p = sub.add_parser("train", help="train SPoD-Net on observations")
+    p.add_argument("observations", nargs="+")
+    p.add_argument("--psf", required=True)
+    p.add_argument("-o", "--output", required=True, help="checkpoint (.safetensors)")
+    p.add_argument("--preset", default="quick", choices=["quick", "paper"])
+    p.add_argument("--lam", type=float, default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--crop-size", type=int, default=None)
+    p.add_argument("--crops", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--orientation", choices=["harmonic", "full"], default=None)
+    p.add_argument("--architecture", choices=["spodnet", "listanet"], default=None)
+    p.add_argument("--preprocess", action="store_true", help="median 5 / minimum 7 background removal")
+    common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("recover", help="recover with SPoD-Net (default: the shipped model)")
+    p.add_argument("observation")
+    p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--psf", default=None, help="PSF TIFF (default: the model's PSF)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--tile", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4, help="frames per batch for time series")
+    common(p)
+    p.set_defaults(func=cmd_recover)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .core.checkpoint import CheckpointError
+    from .core.recover import RecoveryCancelled
+    from .core.training import TrainingError
+    from .core.validation import SPoDInputError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (SPoDInputError, CheckpointError, TrainingError, RecoveryCancelled, FileNotFoundError,
+            PermissionError, IsADirectoryError) as exc:
+        print(f"\nspodnet {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"\nspodnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
