@@ -70,8 +70,12 @@ def circulant(h: torch.Tensor) -> torch.Tensor:
 @lru_cache(maxsize=256)
 def fft_shape(image_shape: tuple[int, int]) -> tuple[int, int]:
     """Fast FFT lengths at least as large as the image (valid = crop of circular)."""
-    return (scipy.fft.next_fast_len(int(image_shape[0]), real=True),
-            scipy.fft.next_fast_len(int(image_shape[1]), real=True))
+    rows = scipy.fft.next_fast_len(int(image_shape[0]), real=True)
+    # The last axis must be even: its length is recovered from the rFFT spectrum as 2 (n - 1).
+    cols = scipy.fft.next_fast_len(int(image_shape[1]), real=True)
+    while cols % 2:
+        cols = scipy.fft.next_fast_len(cols + 1, real=True)
+    return rows, cols
 
 
 def kernel_spectrum(kernel: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

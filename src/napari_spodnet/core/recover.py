@@ -15,7 +15,6 @@ whole image's ``A / B`` and tiled results match untiled ones.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -46,9 +45,14 @@ class PSFMismatchWarning(UserWarning):
 
 @dataclass
 class RecoveryProgress:
+    """Progress of :func:`recover`: ``done`` of ``total`` units (frame batches x tiles, times
+    iterations for FISTA); for FISTA also the current iteration and objective of the tile."""
+
     done: int
     total: int
     message: str = ""
+    iteration: int | None = None
+    objective: float | None = None
 
     @property
     def fraction(self) -> float:
@@ -254,14 +258,12 @@ def recover(stack, psf=None, method: str = "spodnet", model=None, tile: int | No
     total = len(batches) * n_tiles * per_unit
     done = 0
     objectives = np.full(T, np.nan)
-    fista_iterations = []
+    fista_iterations, fista_histories = [], []
 
-    def report(message: str, units: int | None = None) -> None:
-        if progress is not None and progress(RecoveryProgress(done if units is None else units, total, message)):
+    def report(message: str, units: int | None = None, iteration=None, objective=None) -> None:
+        update = RecoveryProgress(done if units is None else units, total, message, iteration, objective)
+        if progress is not None and progress(update):
             raise RecoveryCancelled(f"Recovery cancelled ({message}).")
-
-    def report_fista(units: int) -> None:
-        report("FISTA", units)
 
     for frames in batches:
         y_np = np.stack([_prepare(series[i], n_channels, (a, b), do_preprocess) for i in frames])
@@ -275,7 +277,8 @@ def recover(stack, psf=None, method: str = "spodnet", model=None, tile: int | No
                     done += 1
                 else:
                     x_tile = _fista_tile(op, y_tile, lam, size_ratio, iterations, tol, restart,
-                                         lambda it, base=done: report_fista(base + it), fista_iterations)
+                                         lambda it, f, base=done: report("FISTA", base + it, it, f),
+                                         fista_iterations, fista_histories)
                     done += per_unit
                 if n_tiles == 1:
                     x_full = x_tile
@@ -290,6 +293,8 @@ def recover(stack, psf=None, method: str = "spodnet", model=None, tile: int | No
     intensity = image.sum(axis=-3)
     orientation = orientation_map(image)
     info.update(tiles=n_tiles, frames=T, fista_iterations=fista_iterations or None, preprocess=do_preprocess)
+    if fista_histories:
+        info["fista_history"] = fista_histories[0] if len(fista_histories) == 1 else fista_histories
     return RecoveryResult(
         image=image, intensity=intensity, orientation=orientation, seconds=time.perf_counter() - start,
         objective=(float(objectives[0]) if single else objectives) if compute_objective else None,
@@ -301,11 +306,12 @@ def _prepare(frame, n_channels, psf_shape, do_preprocess) -> np.ndarray:
     return preprocess(arr) if do_preprocess else arr.astype(np.float32, copy=False)
 
 
-def _fista_tile(op, y_tile, lam, size_ratio, iterations, tol, restart, on_iteration, record):
+def _fista_tile(op, y_tile, lam, size_ratio, iterations, tol, restart, on_iteration, record, histories):
     """FISTA on a tile, with lambda rescaled so the tile solves the whole image's problem."""
     n_obs, n_img = op.sizes(y_tile.shape)
     lam_tile = lam * size_ratio * n_img / n_obs
     res = fista(op, y_tile, lam_tile, max_iter=iterations, tol=tol, restart=restart,
-                callback=lambda it, f, x: on_iteration(it))
+                callback=lambda it, f, x: on_iteration(it, float(f.reshape(-1)[0])))
     record.append(res.iterations)
+    histories.append(res.history)
     return res.x

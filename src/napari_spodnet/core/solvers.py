@@ -90,34 +90,43 @@ def _solve(op: SPoDOperator, y, lam: float, *, accelerate: bool, max_iter: int, 
         if x0.shape[-3:] != x.shape[-3:]:
             raise SPoDInputError(f"x0 has shape {tuple(x0.shape)}, expected (..., {tuple(x.shape[-3:])})")
         x = torch.clamp(x0.expand_as(x), min=0).clone()
-    ax = op.forward(x)
+    def sq_norm(t: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(t, dim=reduce).square()
 
-    def objective(ax_, x_):
-        return (ax_ - y).pow(2).sum(dim=reduce) / (2 * n_obs) + lam / n_img * x_.sum(dim=reduce)
+    def objective(r_, x_):
+        return sq_norm(r_) / (2 * n_obs) + lam / n_img * x_.sum(dim=reduce)
 
-    f_prev = objective(ax, x)
-    z, az = x, ax  # momentum point and its image under A
+    def per_item(v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(*batch, 1, 1, 1) if batch else v
+
+    # Residuals r = A x - y are tracked instead of A x: the momentum point's residual is a
+    # combination of two known ones, so an iteration needs one forward and one adjoint pass.
+    r = op.forward(x).sub_(y)
+    f_prev = objective(r, x)
+    z, rz = x, r
     t = torch.ones(batch, dtype=op.dtype, device=op.device)
+    # A rise of a few rounding errors is not a reason to restart.
+    rise_tol = 10 * torch.finfo(op.dtype).eps
     history, restarts = [], 0
     converged = cancelled = False
     it = 0
     for it in range(1, max_iter + 1):
-        residual = az - y
-        grad = op.adjoint(residual) / n_obs
+        g = op.adjoint(rz)  # n_obs x the gradient of the data term at z
         while True:
-            x_new = torch.clamp(z - s * grad - s * lam / n_img, min=0)
-            ax_new = op.forward(x_new)
+            x_new = torch.add(z, g, alpha=-s / n_obs).sub_(s * lam / n_img).clamp_(min=0)
+            r_new = op.forward(x_new).sub_(y)
             if not backtrack:
                 break
             # Beck-Teboulle sufficient decrease for the smooth part, summed over the batch.
-            diff = x_new - z
-            lhs = (ax_new - y).pow(2).sum() / (2 * n_obs)
-            rhs = residual.pow(2).sum() / (2 * n_obs) + (grad * diff).sum() + diff.pow(2).sum() / (2 * s)
+            step_d = x_new - z
+            lhs = sq_norm(r_new).sum() / (2 * n_obs)
+            rhs = sq_norm(rz).sum() / (2 * n_obs) + (g * step_d).sum() / n_obs + sq_norm(step_d).sum() / (2 * s)
             if lhs <= rhs * (1 + 1e-12) + 1e-30:
                 break
             s *= 0.5
-        f_new = objective(ax_new, x_new)
-        rose = torch.zeros_like(f_new, dtype=torch.bool)
+        f_new = objective(r_new, x_new)
+        d = x_new - x
+        change = torch.linalg.vector_norm(d, dim=reduce) / torch.linalg.vector_norm(x_new, dim=reduce).clamp_min(1e-30)
 
         if accelerate:
             t_new = (1 + torch.sqrt(1 + 4 * t * t)) / 2
@@ -125,31 +134,31 @@ def _solve(op: SPoDOperator, y, lam: float, *, accelerate: bool, max_iter: int, 
             if restart:
                 # Function-value restart (O'Donoghue & Candes): where the objective rose,
                 # drop the momentum and restart from the previous iterate.
-                rose = f_new > f_prev
+                rose = f_new > f_prev + rise_tol * f_prev.abs()
                 if bool(rose.any()):
                     restarts += int(rose.sum())
-                    keep = rose.reshape(*batch, 1, 1, 1) if batch else rose
+                    keep = per_item(rose)
                     x_new = torch.where(keep, x, x_new)
-                    ax_new = torch.where(keep, ax, ax_new)
+                    r_new = torch.where(keep, r, r_new)
+                    d = torch.where(keep, torch.zeros_like(d), d)
                     f_new = torch.where(rose, f_prev, f_new)
                     t_new = torch.where(rose, torch.ones_like(t_new), t_new)
                     beta = torch.where(rose, torch.zeros_like(beta), beta)
-            b = beta.reshape(*batch, 1, 1, 1) if batch else beta
-            z = x_new + b * (x_new - x)
-            az = ax_new + b * (ax_new - ax)
+            b = per_item(beta)
+            z = d.mul_(b).add_(x_new)
+            rz = (r_new - r).mul_(b).add_(r_new)
             t = t_new
         else:
-            z, az = x_new, ax_new
+            z, rz = x_new, r_new
 
-        change = (x_new - x).pow(2).sum(dim=reduce).sqrt() / x_new.pow(2).sum(dim=reduce).sqrt().clamp_min(1e-30)
-        change = torch.where(rose, torch.full_like(change, float("inf")), change)  # a restart is not convergence
-        x, ax, f_prev = x_new, ax_new, f_new
+        x, r, f_prev = x_new, r_new, f_new
         history.append(f_new.detach().cpu().numpy().copy())
         if not torch.isfinite(f_new).all():
             raise FloatingPointError("The objective became non-finite; the step size is too large.")
         if callback is not None and callback(it, f_new, x):
             cancelled = True
             break
+        # A rejected (restarted) step still measures how far the iterate would move.
         if tol > 0 and bool((change < tol).all()) and it > 1:
             converged = True
             break

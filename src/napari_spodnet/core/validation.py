@@ -45,7 +45,8 @@ def check_psf(psf, normalize: bool = True) -> np.ndarray:
     With ``normalize`` it is scaled to sum 1, so that intensities keep their units.
     """
     arr = _as_float_array(psf, "The PSF")
-    arr = np.squeeze(arr)
+    while arr.ndim > 2 and arr.shape[0] == 1:  # a (1, a, b) stack is one PSF; a (1, b) PSF stays 2-D
+        arr = arr[0]
     if arr.ndim != 2:
         raise SPoDInputError(f"The PSF must be a 2-D image, got shape {np.shape(psf)}.")
     peak = float(np.abs(arr).max())

@@ -1,0 +1,104 @@
+"""napari-spodnet dock widgets: SPoD data, Train SPoD-Net, Recover, FISTA comparison.
+
+``dock_all_widgets(viewer)`` docks all four (used by ``spodnet demo`` and the screenshot
+script); ``run_demo_in_viewer(viewer)`` opens the sample, docks the widgets, selects the
+layers and starts a recovery (shipped default model if installed, else FISTA).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qtpy.QtWidgets import QWidget
+
+__all__ = ["WIDGETS", "dock_all_widgets", "run_demo_in_viewer"]
+
+#: (key, dock title, "module:Class")
+WIDGETS = (
+    ("data", "SPoD data and PSF", "napari_spodnet.widgets.data_widget:SpodDataWidget"),
+    ("train", "Train SPoD-Net", "napari_spodnet.widgets.train_widget:TrainWidget"),
+    ("recover", "Recover (SPoD-Net)", "napari_spodnet.widgets.recover_widget:RecoverWidget"),
+    ("fista", "FISTA comparison", "napari_spodnet.widgets.fista_widget:FistaWidget"),
+)
+
+
+def _widget_class(path: str):
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _scrollable(widget):
+    """Wrap a tall widget in a scroll area so all four fit in one dock column."""
+    from qtpy.QtWidgets import QScrollArea
+
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setWidget(widget)
+    area.setMinimumWidth(340)
+    return area
+
+
+def dock_all_widgets(viewer, area: str = "right", tabify: bool = True) -> "dict[str, QWidget]":
+    """Create and dock the four widgets (tabbed in one dock area); returns ``{key: widget}``."""
+    widgets = {}
+    for key, title, path in WIDGETS:
+        widget = _widget_class(path)(viewer)
+        viewer.window.add_dock_widget(_scrollable(widget), name=title, area=area, tabify=tabify)
+        widgets[key] = widget
+    return widgets
+
+
+def run_demo_in_viewer(viewer, widgets: dict | None = None, fista_iterations: int = 200) -> "dict[str, QWidget]":
+    """Open the synthetic sample, dock the widgets, select the layers and start a recovery.
+
+    With the shipped default model a SPoD-Net recovery runs (Recover widget); without it a
+    FISTA run (FISTA widget) so the demo still shows recovered layers. Returns the widgets;
+    the job runs in the background (``widgets["recover"].is_running()`` /
+    ``widgets["fista"].is_running()``).
+    """
+    from napari.layers import Layer
+
+    from .._sample_data import sample_observation
+    from ..core.recover import DEFAULT_MODEL_PATH
+    from ._shared import get_settings
+
+    added = []
+    for data, meta, layer_type in sample_observation():
+        added.append(viewer.add_layer(Layer.create(data, meta, layer_type)))
+    observation, psf = added[0], added[1]
+    if widgets is None:
+        widgets = dock_all_widgets(viewer)
+    settings = get_settings()
+    settings.observation_layer = observation.name
+    settings.psf_layer = psf.name
+    for key in ("data", "recover", "fista"):
+        widgets[key].observation_picker.set_layer(observation)
+    widgets["data"].psf_picker.set_layer(psf)
+    widgets["fista"].psf_picker.set_layer(psf)
+    widgets["train"].psf_picker.set_layer(psf)
+    widgets["train"].layers_list.set_selected([observation])
+    if DEFAULT_MODEL_PATH.is_file():
+        widgets["recover"].model_picker.set_source("default")
+        _raise_dock(viewer, widgets["recover"])
+        widgets["recover"].start()
+    else:
+        settings.fista_iterations = fista_iterations
+        settings.compare_spodnet = False
+        _raise_dock(viewer, widgets["fista"])
+        widgets["fista"].start()
+    return widgets
+
+
+def _raise_dock(viewer, widget) -> None:
+    """Bring the dock tab holding ``widget`` to the front (best effort)."""
+    try:
+        parent = widget.parentWidget()
+        while parent is not None and parent.__class__.__name__ != "QtViewerDockWidget":
+            parent = parent.parentWidget()
+        if parent is not None:
+            parent.raise_()
+    except RuntimeError:
+        pass

@@ -1,0 +1,334 @@
+"""Dock widget 4, "FISTA comparison": FISTA with a live objective curve, then side by side with SPoD-Net.
+
+FISTA runs in a napari worker through :func:`core.recover.recover`; its progress
+callback queues each iteration's objective value for the live curve and returns True
+once Cancel was pressed. SPoD-Net then recovers the same frame through :func:`core.recover.recover`
+(objective evaluated with the same λ). The result is laid out in napari's grid: the
+observation's mean over polarizations, FISTA, SPoD-Net and ``|FISTA − SPoD-Net|``
+(intensities), with each method's objective value and time in the layer names, the
+canvas text overlay and this widget.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QFormLayout,
+    QGroupBox,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core.recover import RecoveryResult, recover
+from ._shared import (
+    CurvePlot,
+    DevicePicker,
+    Job,
+    LayerPicker,
+    ModelSourcePicker,
+    ProgressRow,
+    SettingsBinder,
+    add_or_update_image,
+    current_frame,
+    display_range,
+    error_message,
+    get_settings,
+    grid_cell,
+    grid_model,
+    is_observation_candidate,
+    is_psf_candidate,
+    make_spin,
+    notify_error,
+    notify_warning,
+    observation_problem,
+    registered_placement,
+    spod_meta,
+    text_overlay,
+)
+
+_ROLES = ("cmp_mean", "cmp_fista", "cmp_spodnet", "cmp_difference")
+
+
+def fista_frame(control, frame, psf, lam: float, iterations: int, tol: float, restart: bool, device: str,
+                n_channels: int) -> RecoveryResult:
+    """FISTA on one (c, H, W) frame through :func:`core.recover.recover`, reporting
+    ``("fista", iteration, objective)`` to ``control`` for the live curve."""
+
+    def on_progress(update) -> bool:
+        if update.iteration is not None:
+            control.report(("fista", int(update.iteration), float(update.objective)))
+        return control.cancelled()
+
+    return recover(frame, psf, method="fista", lam=lam, iterations=iterations, tol=tol, restart=restart,
+                   device=device, n_channels=n_channels, progress=on_progress)
+
+
+def _compare_work(control, frame, psf, lam, iterations, tol, restart, device, n_channels, model, compare):
+    out = {"fista": fista_frame(control, frame, psf, lam, iterations, tol, restart, device, n_channels)}
+    if compare:
+        control.report(("spodnet", None, None))
+        out["spodnet"] = recover(frame, None, method="spodnet", model=model, device=device, lam=lam,
+                                 n_channels=n_channels, progress=lambda _p: control.cancelled())
+    return out
+
+
+class FistaWidget(QWidget):
+    """Run FISTA with a live objective curve and compare it with SPoD-Net side by side."""
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.settings = get_settings()
+        self.binder = SettingsBinder(self.settings)
+        self._job: Job | None = None
+        self._hidden_by_us: list = []
+        self.results: dict = {}
+        self.comparison_layers: dict = {}
+        s = self.settings
+
+        self.observation_picker = LayerPicker(napari_viewer, is_observation_candidate,
+                                              shared_key="observation_layer", prefer_kind="observation")
+        self.psf_picker = LayerPicker(napari_viewer, is_psf_candidate, shared_key="psf_layer", prefer_kind="psf")
+        self.lam_spin = self.binder.bind("lam", make_spin(0.0, 100.0, s.lam, decimals=6, step=0.01,
+                                                          tooltip="λ of the objective (on normalised intensities)."))
+        self.iterations_spin = self.binder.bind("fista_iterations", make_spin(1, 1_000_000, s.fista_iterations,
+                                                                              step=100))
+        self.tol_spin = self.binder.bind("fista_tol", make_spin(0.0, 1.0, s.fista_tol, decimals=10, step=1e-6,
+                                                                tooltip="Stop when the relative change of x is "
+                                                                        "below this (0: run all iterations)."))
+        self.restart_check = self.binder.bind("fista_restart", QCheckBox("adaptive restart"))
+        self.device_picker = DevicePicker(self.binder)
+        self.compare_check = self.binder.bind("compare_spodnet", QCheckBox("compare with SPoD-Net"))
+        self.model_picker = ModelSourcePicker()
+        self.run_button = QPushButton("Run FISTA")
+        self.leave_grid_button = QPushButton("Leave the side-by-side view")
+        self.leave_grid_button.setEnabled(False)
+        self.progress = ProgressRow()
+        self.plot = CurvePlot(xlabel="iteration", ylabel="objective L")
+        self.result_label = QLabel("")
+        self.result_label.setWordWrap(True)
+
+        data_box = QGroupBox("Data")
+        form = QFormLayout(data_box)
+        form.addRow("observation", self.observation_picker)
+        form.addRow("PSF", self.psf_picker)
+        fista_box = QGroupBox("FISTA")
+        form = QFormLayout(fista_box)
+        form.addRow("λ", self.lam_spin)
+        form.addRow("iterations", self.iterations_spin)
+        form.addRow("tolerance", self.tol_spin)
+        form.addRow("", self.restart_check)
+        form.addRow("device", self.device_picker)
+        cmp_box = QGroupBox("Comparison")
+        box_layout = QVBoxLayout(cmp_box)
+        box_layout.addWidget(self.compare_check)
+        box_layout.addWidget(self.model_picker)
+        layout = QVBoxLayout(self)
+        layout.addWidget(data_box)
+        layout.addWidget(fista_box)
+        layout.addWidget(cmp_box)
+        layout.addWidget(self.run_button)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.plot)
+        layout.addWidget(self.result_label)
+        layout.addWidget(self.leave_grid_button)
+        layout.addStretch(1)
+
+        self.compare_check.toggled.connect(self.model_picker.setEnabled)
+        self.model_picker.setEnabled(self.compare_check.isChecked())
+        self.run_button.clicked.connect(self.toggle)
+        self.leave_grid_button.clicked.connect(self.leave_grid)
+
+    # ------------------------------------------------------------------ run
+    def is_running(self) -> bool:
+        return self._job is not None and self._job.running
+
+    def toggle(self) -> None:
+        if self.is_running():
+            self.cancel()
+        else:
+            self.start()
+
+    def cancel(self) -> None:
+        if self.is_running():
+            self._job.cancel()
+            self.progress.set_text("Cancelling…")
+
+    def start(self) -> Job | None:
+        if self.is_running():
+            return None
+        layer = self.observation_picker.layer()
+        if layer is None:
+            notify_error("FISTA: choose an observation layer.")
+            return None
+        s = self.settings
+        problem = observation_problem(layer.data.shape, s.n_channels)
+        if problem:
+            notify_error(f"FISTA: {problem}")
+            return None
+        psf_layer = self.psf_picker.layer()
+        if psf_layer is None:
+            notify_error("FISTA needs a PSF: choose a PSF layer (any 2-D image, e.g. a measured bead).")
+            return None
+        model, compare = None, bool(s.compare_spodnet)
+        if compare:
+            try:
+                model = self.model_picker.model_argument()
+            except Exception as exc:
+                notify_warning(f"SPoD-Net comparison skipped: {error_message(exc)}")
+                compare = False
+        frame_index = current_frame(self.viewer, layer) if layer.ndim == 4 else None
+        frame = layer.data[frame_index] if frame_index is not None else layer.data
+        iterations = int(s.fista_iterations)
+        self._iterations = iterations
+        self._source = layer
+        self._frame_index = frame_index
+        self._compare_model_text = self.model_picker.describe() if compare else None
+        self.plot.clear()
+        self.progress.set_fraction(0)
+        self.progress.set_text("FISTA…")
+        self.run_button.setText("Cancel")
+        self._job = Job(self, title="FISTA comparison", on_progress=self._on_progress, on_result=self._on_result,
+                        on_cancelled=self._on_cancelled, on_error=self._on_error, on_finished=self._on_finished)
+        return self._job.start_function(_compare_work, frame, psf_layer.data, float(s.lam), iterations,
+                                        float(s.fista_tol), bool(s.fista_restart), self.device_picker.device(),
+                                        int(s.n_channels), model, compare)
+
+    def _on_progress(self, items) -> None:
+        last_it = None
+        for what, it, objective in items:
+            if what == "fista":
+                self.plot.append("FISTA", it, objective)
+                last_it = (it, objective)
+            elif what == "spodnet":
+                self.progress.set_busy()
+                self.progress.set_text("SPoD-Net…")
+        if last_it is not None:
+            it, objective = last_it
+            self.progress.set_fraction(it / max(self._iterations, 1))
+            self.progress.set_text(f"FISTA iteration {it}/{self._iterations}: objective {objective:.6g}")
+
+    def _on_result(self, out) -> None:
+        self.results = out
+        layer, frame_index = self._source, self._frame_index
+        fista_res = out["fista"]
+        spod_res = out.get("spodnet")
+        xs, _ys = self.plot.series("FISTA")
+        if spod_res is not None and xs:
+            self.plot.set_series("SPoD-Net", [xs[0], xs[-1]], [spod_res.objective] * 2)
+        self.plot.flush()
+        self.show_side_by_side(layer, frame_index, fista_res, spod_res)
+        lines = [self._summary("FISTA", fista_res)]
+        if spod_res is not None:
+            lines.append(self._summary("SPoD-Net", spod_res))
+            if spod_res.seconds > 0:
+                lines.append(f"SPoD-Net was {fista_res.seconds / spod_res.seconds:.0f}x faster.")
+        text = "\n".join(lines)
+        self.result_label.setText(text)
+        self.progress.set_fraction(1)
+        self.progress.set_text("Done.")
+
+    @staticmethod
+    def _summary(name: str, res) -> str:
+        its = res.info.get("fista_iterations")
+        extra = f", {its[0]} iterations" if its else ""
+        return f"{name}: objective {res.objective:.6g}, {res.seconds:.2f} s{extra}"
+
+    def show_side_by_side(self, layer, frame_index, fista_res, spod_res) -> dict:
+        """Grid view: observation mean | FISTA | SPoD-Net | |FISTA − SPoD-Net| (intensities)."""
+        viewer = self.viewer
+        lead = (0,) if frame_index is not None else ()
+        frame = layer.data[frame_index] if frame_index is not None else layer.data
+        common = {"source": layer.name, "frame": frame_index, "lam": fista_res.lam}
+        pixel_size = spod_meta(layer).get("pixel_size")
+        if pixel_size:
+            common["pixel_size"] = pixel_size
+        place_obs = registered_placement(layer, (0.0, 0.0), drop=lead + (-3,))
+        place_img = registered_placement(layer, fista_res.translate, drop=lead + (-3,))
+        limits = display_range(fista_res.intensity)
+        layers = {}
+        mean = np.asarray(frame, dtype=np.float32).mean(axis=0)
+        layers["mean"] = add_or_update_image(viewer, mean, f"{layer.name} mean over polarizations", "mean",
+                                             common, role="cmp_mean", colormap="gray", visible=True, **place_obs)
+        fista_info = {**common, "method": "fista", "objective": fista_res.objective, "seconds": fista_res.seconds,
+                      "iterations": fista_res.info.get("fista_iterations"), "translate": list(fista_res.translate)}
+        layers["fista"] = add_or_update_image(
+            viewer, fista_res.intensity,
+            f"FISTA: L={fista_res.objective:.4g}, {fista_res.seconds:.2f} s", "intensity", fista_info,
+            role="cmp_fista", colormap="gray", contrast_limits=limits, visible=True, **place_img)
+        text = f"FISTA: L={fista_res.objective:.4g} in {fista_res.seconds:.2f} s"
+        if spod_res is not None:
+            spod_info = {**common, "method": "spodnet", "objective": spod_res.objective,
+                         "seconds": spod_res.seconds, "model": self._compare_model_text,
+                         "translate": list(spod_res.translate)}
+            place_spod = registered_placement(layer, spod_res.translate, drop=lead + (-3,))
+            layers["spodnet"] = add_or_update_image(
+                viewer, spod_res.intensity,
+                f"SPoD-Net: L={spod_res.objective:.4g}, {spod_res.seconds:.2f} s", "intensity", spod_info,
+                role="cmp_spodnet", colormap="gray", contrast_limits=limits, visible=True, **place_spod)
+            text += f"  |  SPoD-Net: L={spod_res.objective:.4g} in {spod_res.seconds:.2f} s"
+            if spod_res.intensity.shape == fista_res.intensity.shape:
+                diff = np.abs(fista_res.intensity - spod_res.intensity)
+                layers["difference"] = add_or_update_image(
+                    viewer, diff, "|FISTA − SPoD-Net|", "difference", {**common, "methods": ["fista", "spodnet"]},
+                    role="cmp_difference", colormap="magma", visible=True, **place_img)
+            else:
+                notify_warning(f"No difference image: the model's PSF ({spod_res.image.shape}) differs in size from "
+                               f"the chosen PSF ({fista_res.image.shape}).")
+        order = [layers[k] for k in ("mean", "fista", "spodnet", "difference") if k in layers]
+        chosen = set(map(id, order))
+        for other in viewer.layers:
+            if id(other) not in chosen and other.visible:
+                other.visible = False
+                self._hidden_by_us.append(other)
+        grid = grid_model(viewer)
+        grid.enabled = True
+        # reading order (top-left first): mean, FISTA, SPoD-Net, difference
+        for lay in order:
+            viewer.layers.move(viewer.layers.index(lay), len(viewer.layers))
+        if grid_cell(viewer, layers["mean"]) not in ((0, 0), None):  # napari versions differ in grid order
+            for lay in reversed(order):
+                viewer.layers.move(viewer.layers.index(lay), len(viewer.layers))
+        try:
+            overlay = text_overlay(viewer)
+            overlay.text = text
+            overlay.visible = True
+        except Exception:  # the overlay is a courtesy
+            pass
+        self.leave_grid_button.setEnabled(True)
+        self.comparison_layers = layers
+        return layers
+
+    def leave_grid(self) -> None:
+        grid_model(self.viewer).enabled = False
+        for layer in self._hidden_by_us:
+            if layer in self.viewer.layers:
+                layer.visible = True
+        self._hidden_by_us = []
+        try:
+            text_overlay(self.viewer).visible = False
+        except Exception:
+            pass
+        self.leave_grid_button.setEnabled(False)
+
+    def _on_cancelled(self) -> None:
+        self.progress.set_fraction(0)
+        self.progress.set_text("Cancelled.")
+
+    def _on_error(self, exc) -> None:
+        self.progress.set_fraction(0)
+        self.progress.set_text(f"Failed: {error_message(exc)}")
+        notify_error(f"FISTA comparison failed: {error_message(exc)}")
+
+    def _on_finished(self) -> None:
+        self.run_button.setText("Run FISTA")
+        if self.progress.bar.maximum() == 0:
+            self.progress.set_fraction(0)
+
+    def closeEvent(self, event):  # noqa: N802 (Qt)
+        if self.is_running():
+            self._job.cancel()
+        super().closeEvent(event)

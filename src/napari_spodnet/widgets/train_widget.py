@@ -1,0 +1,309 @@
+"""Dock widget 2, "Train SPoD-Net": layer-wise training (core.training.Trainer) in a worker.
+
+The work runs on a napari generator ``thread_worker`` that iterates
+:meth:`Trainer.run_iter` and yields each :class:`TrainingProgress` (after every epoch of
+every step): the GUI thread updates the progress bar, the status line and the live loss
+curves (train and validation). Stop calls :meth:`Trainer.cancel` (checked before every
+optimisation step, so the worker stops within one step) and the best model so far
+(lowest validation loss) is kept. A finished or stopped model is registered in the
+session's model registry, so the Recover and FISTA widgets offer it at once, and can be
+saved as a checkpoint (core.checkpoint.save_checkpoint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core.checkpoint import save_checkpoint
+from ..core.training import PRESETS, Trainer, TrainingConfig, TrainingError, TrainingProgress
+from ..core.validation import SPoDInputError
+from ._shared import (
+    CurvePlot,
+    DevicePicker,
+    Job,
+    LayerListPicker,
+    LayerPicker,
+    ProgressRow,
+    SettingsBinder,
+    error_message,
+    get_model_registry,
+    get_settings,
+    is_observation_candidate,
+    is_psf_candidate,
+    make_spin,
+    notify_error,
+    notify_info,
+    notify_warning,
+    observation_problem,
+)
+
+#: TrainingConfig fields a preset sets, and the settings (= widget fields) they fill
+_PRESET_FIELDS = ("lr", "epochs", "batch_size", "n_crops", "crop_size")
+
+
+def _train_work(control, observations, psf, config: TrainingConfig, device: str, n_channels: int):
+    """Generator run in the worker: build the Trainer, yield its progress, return the network."""
+    trainer = Trainer(observations, psf, config, device=device, n_channels=n_channels)
+    control.on_cancel(trainer.cancel)
+    net = yield from trainer.run_iter()
+    return {"net": net, "cancelled": trainer.cancelled, "history": list(trainer.history)}
+
+
+class TrainWidget(QWidget):
+    """Train a SPoD-Net on one or more observation layers; live loss curves; Stop keeps the best model."""
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.settings = get_settings()
+        self.binder = SettingsBinder(self.settings)
+        self.registry = get_model_registry()
+        self.model = None
+        self.model_name: str | None = None
+        self._job: Job | None = None
+        self._applying_preset = False
+        self._epoch_count = 0
+
+        s = self.settings
+        self.layers_list = LayerListPicker(napari_viewer, is_observation_candidate, prefer_kind="observation")
+        self.psf_picker = LayerPicker(napari_viewer, is_psf_candidate, shared_key="psf_layer", prefer_kind="psf")
+        self.preset_combo = QComboBox()
+        for name in ("quick", "paper"):
+            self.preset_combo.addItem(name, name)
+        self.preset_combo.addItem("custom", "custom")
+        self.preset_combo.setToolTip("quick: a few minutes on a laptop CPU; paper: the paper's schedule (GPU hours); "
+                                     "custom: your own values.")
+        self.binder.bind("preset", self.preset_combo)
+        self.n_layers_spin = self.binder.bind("n_layers", make_spin(1, 50, s.n_layers, tooltip="Network layers M."))
+        self.alpha_spin = self.binder.bind("alpha", make_spin(0.0, 1.0, s.alpha, decimals=3, step=0.01,
+                                                              tooltip="Leak of the leaky soft threshold (LST)."))
+        self.lam_spin = self.binder.bind("lam", make_spin(0.0, 100.0, s.lam, decimals=6, step=0.01,
+                                                          tooltip="λ of the objective (on normalised intensities)."))
+        self.lr_spin = self.binder.bind("lr", make_spin(1e-7, 1.0, s.lr, decimals=6, step=1e-4,
+                                                        tooltip="Adam learning rate."))
+        self.epochs_spin = self.binder.bind("epochs", make_spin(1, 100000, s.epochs, tooltip="Epochs per step."))
+        self.batch_spin = self.binder.bind("batch_size", make_spin(1, 1024, s.batch_size, tooltip="Crops per batch."))
+        self.crops_spin = self.binder.bind("n_crops", make_spin(1, 100000, s.n_crops,
+                                                                tooltip="Random training crops (N)."))
+        self.crop_spin = self.binder.bind("crop_size", make_spin(8, 4096, s.crop_size, step=8,
+                                                                 tooltip="Observation crop size in pixels."))
+        self.device_picker = DevicePicker(self.binder)
+
+        self.start_button = QPushButton("Start training")
+        self.save_button = QPushButton("Save checkpoint…")
+        self.save_button.setEnabled(False)
+        self.progress = ProgressRow()
+        self.plot = CurvePlot(xlabel="epoch", ylabel="loss L")
+        self.model_label = QLabel("No model trained in this session yet.")
+        self.model_label.setWordWrap(True)
+
+        data_box = QGroupBox("Data")
+        form = QFormLayout(data_box)
+        form.addRow("training layers", self.layers_list)
+        form.addRow("PSF", self.psf_picker)
+        cfg_box = QGroupBox("Settings")
+        form = QFormLayout(cfg_box)
+        form.addRow("preset", self.preset_combo)
+        form.addRow("layers", self.n_layers_spin)
+        form.addRow("α (LST leak)", self.alpha_spin)
+        form.addRow("λ", self.lam_spin)
+        form.addRow("learning rate", self.lr_spin)
+        form.addRow("epochs per step", self.epochs_spin)
+        form.addRow("batch size", self.batch_spin)
+        form.addRow("training crops", self.crops_spin)
+        form.addRow("crop size", self.crop_spin)
+        form.addRow("device", self.device_picker)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(data_box)
+        layout.addWidget(cfg_box)
+        layout.addWidget(self.start_button)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.plot)
+        layout.addWidget(self.model_label)
+        layout.addWidget(self.save_button)
+        layout.addStretch(1)
+
+        self.preset_combo.currentIndexChanged.connect(self._on_preset_chosen)
+        for spin in (self.lr_spin, self.epochs_spin, self.batch_spin, self.crops_spin, self.crop_spin):
+            spin.valueChanged.connect(self._on_field_edited)
+        self.start_button.clicked.connect(self.toggle)
+        self.save_button.clicked.connect(self._save_dialog)
+
+    # ------------------------------------------------------------------ presets
+    def set_preset(self, name: str) -> None:
+        self.settings.preset = name
+        self._apply_preset(name)
+
+    def _on_preset_chosen(self, _index: int) -> None:
+        self._apply_preset(self.preset_combo.currentData())
+
+    def _apply_preset(self, name) -> None:
+        if name not in PRESETS:
+            return
+        self._applying_preset = True
+        try:
+            for key in _PRESET_FIELDS:
+                setattr(self.settings, key, PRESETS[name][key])
+        finally:
+            self._applying_preset = False
+
+    def _on_field_edited(self, *_):
+        if self._applying_preset:
+            return
+        preset = self.settings.preset
+        if preset in PRESETS and any(getattr(self.settings, k) != PRESETS[preset][k] for k in _PRESET_FIELDS):
+            self.settings.preset = "custom"
+
+    def config(self) -> TrainingConfig:
+        """The TrainingConfig the current fields describe."""
+        s = self.settings
+        base = s.preset if s.preset in PRESETS else "quick"
+        overrides = {k: getattr(s, k) for k in _PRESET_FIELDS}
+        cfg = TrainingConfig.preset(base, n_layers=int(s.n_layers), alpha=float(s.alpha), lam=float(s.lam),
+                                    **overrides)
+        if s.preset not in PRESETS:
+            cfg = replace(cfg, preset_name="custom")
+        # validation crops never exceed the training crops (small data sets, quick tries)
+        return replace(cfg, n_val_crops=max(1, min(cfg.n_val_crops, cfg.n_crops)))
+
+    # ------------------------------------------------------------------ run
+    def is_running(self) -> bool:
+        return self._job is not None and self._job.running
+
+    def toggle(self) -> None:
+        if self.is_running():
+            self.stop()
+        else:
+            self.start()
+
+    def stop(self) -> None:
+        if self.is_running():
+            self._job.cancel()
+            self.start_button.setEnabled(False)
+            self.start_button.setText("Stopping…")
+            self.progress.set_text("Stopping after the current step; keeping the best model so far…")
+
+    def start(self) -> Job | None:
+        if self.is_running():
+            return None
+        layers = self.layers_list.selected_layers()
+        if not layers:
+            notify_error("Training: select one or more observation layers (the list under 'training layers').")
+            return None
+        psf_layer = self.psf_picker.layer()
+        if psf_layer is None:
+            notify_error("Training: choose a PSF layer.")
+            return None
+        n = self.settings.n_channels
+        for layer in layers:
+            problem = observation_problem(layer.data.shape, n)
+            if problem:
+                notify_error(f"Training layer '{layer.name}': {problem}")
+                return None
+        try:
+            config = self.config()
+            config.validate()
+        except (SPoDInputError, TypeError, ValueError) as exc:
+            notify_error(f"Training settings: {error_message(exc)}")
+            return None
+        observations = [layer.data for layer in layers]
+        self._sources = [layer.name for layer in layers]
+        self._epoch_count = 0
+        self.plot.clear()
+        self.progress.set_busy()
+        self.progress.set_text("Preparing training crops…")
+        self.start_button.setText("Stop")
+        self._job = Job(self, title="Training", on_progress=self._on_progress, on_result=self._on_result,
+                        on_cancelled=self._on_cancelled, on_error=self._on_error, on_finished=self._on_finished)
+        return self._job.start_generator(_train_work, observations, psf_layer.data, config,
+                                         self.device_picker.device(), n)
+
+    def _on_progress(self, items) -> None:
+        for p in items:
+            if not isinstance(p, TrainingProgress):
+                continue
+            self._epoch_count += 1
+            self.plot.append("train", self._epoch_count, p.train_loss)
+            self.plot.append("validation", self._epoch_count, p.val_loss)
+            self.progress.set_fraction(p.fraction)
+            self.progress.set_text(f"layer {p.layer}/{p.n_layers} · {p.stage} · epoch {p.epoch}/{p.epochs} — "
+                                   f"train {p.train_loss:.4g}, validation {p.val_loss:.4g} · {p.elapsed:.0f} s")
+
+    def _on_result(self, out) -> None:
+        net, cancelled = out["net"], out["cancelled"]
+        training = (net.metadata or {}).get("training", {})
+        info = {"sources": self._sources, "cancelled": cancelled, "best_val_loss": training.get("best_val_loss"),
+                "seconds": training.get("seconds")}
+        self.model = net
+        self.model_name = self.registry.add(net, info=info)
+        net.metadata.setdefault("name", self.model_name)
+        self.save_button.setEnabled(True)
+        what = "Stopped early; kept the best model so far" if cancelled else "Training finished"
+        best = training.get("best_val_loss")
+        text = (f"{what}: {net.n_layers} layer(s) in {training.get('seconds', 0):.1f} s"
+                + (f", best validation loss {best:.4g}" if best is not None else "")
+                + f". Offered in the Recover widget as '{self.model_name}'.")
+        self.model_label.setText(text)
+        self.progress.set_fraction(1.0)
+        self.progress.set_text(text)
+        self.plot.flush()
+        notify_info(text)
+
+    def _on_cancelled(self) -> None:
+        self.progress.set_text("Training stopped; no model was kept.")
+
+    def _on_error(self, exc) -> None:
+        if self._job is not None and self._job.cancel_requested and isinstance(exc, TrainingError):
+            # stopped before any layer finished an epoch: nothing to keep
+            self.progress.set_text(str(exc))
+            notify_warning(f"Training stopped: {exc}")
+            return
+        self.progress.set_text(f"Training failed: {error_message(exc)}")
+        notify_error(f"Training failed: {error_message(exc)}")
+
+    def _on_finished(self) -> None:
+        self.start_button.setEnabled(True)
+        self.start_button.setText("Start training")
+        if self.progress.bar.maximum() == 0:  # still "busy": ended before the first epoch
+            self.progress.set_fraction(0.0)
+
+    # ------------------------------------------------------------------ checkpoint
+    def _save_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save the SPoD-Net checkpoint", "spodnet.safetensors",
+                                              "Checkpoints (*.safetensors)")
+        if path:
+            self.save_checkpoint_to(path)
+
+    def save_checkpoint_to(self, path) -> Path | None:
+        if self.model is None:
+            notify_error("Train a model before saving a checkpoint.")
+            return None
+        path = Path(path)
+        if not path.suffix:
+            path = path.with_suffix(".safetensors")
+        try:
+            written = save_checkpoint(self.model, path, extra_metadata={"name": self.model_name})
+        except Exception as exc:
+            notify_error(f"Could not save the checkpoint: {error_message(exc)}")
+            return None
+        notify_info(f"Saved the model to {written}.")
+        self.settings.checkpoint_path = str(written)
+        return written
+
+    def closeEvent(self, event):  # noqa: N802 (Qt)
+        if self.is_running():
+            self._job.cancel()
+        super().closeEvent(event)

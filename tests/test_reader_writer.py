@@ -1,0 +1,136 @@
+"""napari reader and writer of napari-spodnet (through napari itself, as drag and drop does)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_spodnet import io as sio
+from napari_spodnet._reader import napari_get_reader
+from napari_spodnet._writer import write_spod_tiff
+
+C, H, W = 18, 20, 24  # H != W so that a wrong transpose shows
+
+
+def _obs(shape, seed=0):
+    return np.random.default_rng(seed).integers(100, 4000, size=shape).astype(np.uint16)
+
+
+def _write_layout(tmp_path, layout):
+    """(file path, the (c, H, W) / (T, c, H, W) array the plugin must produce)."""
+    path = tmp_path / f"{layout}.tif"
+    if layout == "cyx":
+        data = _obs((C, H, W))
+        tifffile.imwrite(path, data)
+        return path, data
+    if layout == "tcyx":
+        data = _obs((3, C, H, W))
+        tifffile.imwrite(path, data)
+        return path, data
+    if layout == "channel_last":
+        data = _obs((C, H, W))
+        tifffile.imwrite(path, np.moveaxis(data, 0, -1), photometric="minisblack")
+        return path, data
+    if layout == "imagej_hyperstack":
+        data = _obs((2, C, H, W))
+        tifffile.imwrite(path, data, imagej=True, metadata={"axes": "TCYX"})
+        return path, data
+    raise AssertionError(layout)
+
+
+@pytest.mark.parametrize("layout", ["cyx", "tcyx", "channel_last", "imagej_hyperstack"])
+def test_open_spod_tiff_through_the_plugin(make_napari_viewer, tmp_path, layout):
+    path, expected = _write_layout(tmp_path, layout)
+    assert napari_get_reader(str(path)) is not None
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(path), plugin="napari-spodnet")
+    assert len(layers) == 1
+    layer = layers[0]
+    assert layer.data.shape == expected.shape
+    np.testing.assert_array_equal(np.asarray(layer.data), expected)
+    meta = layer.metadata["spodnet"]
+    assert meta["kind"] == "observation"
+    assert meta["axes"] == ("TCYX" if expected.ndim == 4 else "CYX")
+    labels = tuple(layer.axis_labels)
+    assert labels[-3:] == ("polarization", "y", "x")
+    assert (labels[0] == "t") == (expected.ndim == 4)
+    lo, hi = layer.contrast_limits
+    assert expected.min() <= lo < hi <= expected.max()
+
+
+def test_plain_and_non_spod_tiffs_are_not_claimed(make_napari_viewer, tmp_path):
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, _obs((H, W)))
+    rgbish = tmp_path / "three.tif"
+    tifffile.imwrite(rgbish, _obs((3, H, W)), photometric="minisblack")
+    other = tmp_path / "notes.txt"
+    other.write_text("hello")
+    assert napari_get_reader(str(plain)) is None
+    assert napari_get_reader(str(rgbish)) is None
+    assert napari_get_reader(str(other)) is None
+    assert napari_get_reader(str(tmp_path / "missing.tif")) is None
+    # napari's own reader still opens the plain TIFF (e.g. a PSF dropped on the window)
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(plain))
+    assert len(layers) == 1 and layers[0].data.shape == (H, W)
+    assert "spodnet" not in layers[0].metadata
+
+
+def test_write_and_reread_a_recovered_stack(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    stack = np.random.default_rng(1).random((C, H + 7, W + 7)).astype(np.float32)
+    info = {"kind": "recovered", "method": "spodnet", "lam": 0.05, "seconds": 0.12, "objective": 1.5e-3,
+            "translate": [-3.5, -3.5]}
+    layer = viewer.add_image(stack, name="obs SPoD-Net", translate=(0, -3.5, -3.5), metadata={"spodnet": info})
+    path = tmp_path / "recovered.tif"
+    written = layer.save(str(path), plugin="napari-spodnet")
+    assert written and path.is_file()
+
+    meta = sio.read_stack_metadata(path)
+    assert meta["method"] == "spodnet" and meta["lam"] == 0.05 and meta["kind"] == "recovered"
+    assert meta["translate"] == [0.0, -3.5, -3.5]
+    # ImageJ sees one channel per orientation
+    with tifffile.TiffFile(path) as tf:
+        assert tf.is_imagej and tf.imagej_metadata["channels"] == C
+
+    again = viewer.open(str(path), plugin="napari-spodnet")[0]
+    assert again.metadata["spodnet"]["kind"] == "recovered"
+    assert again.metadata["spodnet"]["method"] == "spodnet"
+    np.testing.assert_allclose(again.data, stack)
+    np.testing.assert_allclose(again.translate, (0, -3.5, -3.5))
+
+
+def test_write_intensity_and_composite(tmp_path):
+    intensity = np.random.default_rng(2).random((H, W)).astype(np.float32)
+    paths = write_spod_tiff(str(tmp_path / "intensity.tif"), intensity,
+                            {"name": "I", "translate": (-1.5, -1.5), "scale": (1, 1),
+                             "metadata": {"spodnet": {"kind": "intensity", "method": "fista"}}})
+    assert sio.read_stack_metadata(paths[0])["method"] == "fista"
+    reader = napari_get_reader(paths[0])  # ours: it remembers the kind and the registration
+    assert reader is not None
+    data, kwargs, layer_type = reader(paths[0])[0]
+    np.testing.assert_allclose(data, intensity)
+    assert kwargs["translate"] == (-1.5, -1.5) and layer_type == "image"
+
+    series = np.random.default_rng(4).random((2, H, W)).astype(np.float32)  # intensity of a time series
+    paths = write_spod_tiff(str(tmp_path / "series.tif"), series,
+                            {"name": "I(t)", "metadata": {"spodnet": {"kind": "intensity"}}})
+    with tifffile.TiffFile(paths[0]) as tf:  # ImageJ frames, not channels
+        assert tf.imagej_metadata.get("frames") == 2 and tf.imagej_metadata.get("channels", 1) == 1
+    data, kwargs, _ = napari_get_reader(paths[0])(paths[0])[0]
+    np.testing.assert_allclose(data, series)
+
+    rgb = np.random.default_rng(3).random((H, W, 3)).astype(np.float32)
+    paths = write_spod_tiff(str(tmp_path / "rgb.tif"), rgb,
+                            {"name": "composite", "rgb": True, "metadata": {"spodnet": {"kind": "orientation"}}})
+    data, kwargs, _ = napari_get_reader(paths[0])(paths[0])[0]
+    assert kwargs["rgb"] and data.shape == (H, W, 3)
+    np.testing.assert_allclose(data, rgb)
+
+
+def test_writer_rejects_5d(tmp_path):
+    from napari_spodnet.core.validation import SPoDInputError
+
+    with pytest.raises(SPoDInputError, match="5-D"):
+        write_spod_tiff(str(tmp_path / "x.tif"), np.zeros((2, 2, 2, 2, 2), np.float32), {})

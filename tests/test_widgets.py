@@ -1,0 +1,416 @@
+"""The four dock widgets, headless (Xvfb): workers, progress, cancel, errors, shared settings.
+
+Every long job is awaited with ``qtbot.waitUntil`` so the Qt event loop keeps running
+while the worker thread computes (as in napari).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from qtpy.QtCore import QTimer
+
+from napari_spodnet.core.checkpoint import load_checkpoint, save_checkpoint
+from napari_spodnet.core.network import SPoDNet
+from napari_spodnet.core.recover import DEFAULT_MODEL_PATH
+from napari_spodnet.core.simulate import simulate
+from napari_spodnet.widgets import dock_all_widgets, run_demo_in_viewer
+from napari_spodnet.widgets._shared import (
+    get_model_registry,
+    get_settings,
+    grid_cell,
+    grid_model,
+    reset_settings,
+)
+from napari_spodnet.widgets.data_widget import SpodDataWidget
+from napari_spodnet.widgets.fista_widget import FistaWidget
+from napari_spodnet.widgets.recover_widget import RecoverWidget
+from napari_spodnet.widgets.train_widget import TrainWidget
+
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings():
+    """Each test starts from default settings and an empty model registry."""
+    reset_settings()
+    yield
+    reset_settings()
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return simulate((64, 64), seed=0)
+
+
+@pytest.fixture
+def notifications():
+    """Every napari notification shown during the test, as (severity, message)."""
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+
+    def record(notification):
+        seen.append((str(notification.severity).lower(), str(notification.message)))
+
+    notification_manager.notification_ready.connect(record)
+    yield seen
+    notification_manager.notification_ready.disconnect(record)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, sim):
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(SPoDNet(sim.psf, n_layers=2), path, extra_metadata={"name": "tiny"})
+    return path
+
+
+def _viewer_with_data(make_napari_viewer, sim, **obs_kwargs):
+    viewer = make_napari_viewer()
+    obs = viewer.add_image(sim.observation, name="obs", metadata={"spodnet": {"kind": "observation"}},
+                           **obs_kwargs)
+    psf = viewer.add_image(sim.psf, name="psf")  # unmarked, as napari's own reader opens a PSF file
+    return viewer, obs, psf
+
+
+def _wait_done(qtbot, widget, timeout=TIMEOUT_MS):
+    qtbot.waitUntil(lambda: not widget.is_running(), timeout=timeout)
+
+
+def _errors(notes):
+    return [m for s, m in notes if s == "error"]
+
+
+# --------------------------------------------------------------------------- docking, settings, manifest
+
+
+def test_manifest_validates_with_imports():
+    from npe2.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["validate", "napari-spodnet", "--imports"])
+    assert result.exit_code == 0, result.output
+    assert "valid" in result.output
+
+
+def test_dock_all_widgets_and_settings_persist(make_napari_viewer, sim):
+    viewer, obs, psf = _viewer_with_data(make_napari_viewer, sim)
+    widgets = dock_all_widgets(viewer)
+    assert set(widgets) == {"data", "train", "recover", "fista"}
+    assert isinstance(widgets["fista"], FistaWidget) and isinstance(widgets["train"], TrainWidget)
+    # pickers found the layers (the PSF was not marked by the plugin: any 2-D image qualifies)
+    assert widgets["recover"].observation_picker.layer() is obs
+    assert widgets["fista"].psf_picker.layer() is psf
+    assert widgets["data"].psf_picker.layer() is psf
+    # a λ typed in one widget is the λ of the others, and of widgets opened later
+    widgets["fista"].lam_spin.setValue(0.123)
+    assert get_settings().lam == pytest.approx(0.123)
+    assert widgets["train"].lam_spin.value() == pytest.approx(0.123)
+    widgets["train"].preset_combo.setCurrentIndex(widgets["train"].preset_combo.findData("paper"))
+    later = TrainWidget(viewer)
+    assert later.lam_spin.value() == pytest.approx(0.123)
+    assert later.preset_combo.currentData() == "paper" and later.crop_spin.value() == 96
+    later.epochs_spin.setValue(3)  # editing a preset value makes the preset "custom"
+    assert get_settings().preset == "custom"
+    assert later.device_picker.device() == get_settings().device
+    later.close()
+    # choosing the observation in one picker moves the others (shared selection)
+    other = viewer.add_image(sim.observation[None].repeat(2, 0), name="series")
+    widgets["data"].observation_picker.set_layer(other)
+    assert widgets["fista"].observation_picker.layer() is other
+    # pickers follow renames and removals
+    psf.name = "bead"
+    assert widgets["fista"].psf_picker.currentText() == "bead"
+    viewer.layers.remove(psf)
+    assert widgets["fista"].psf_picker.layer() is None
+
+
+# --------------------------------------------------------------------------- data widget
+
+
+def test_data_widget_status_fix_preprocess_average(make_napari_viewer, qtbot, sim, notifications):
+    viewer, obs, psf = _viewer_with_data(make_napari_viewer, sim)
+    w = SpodDataWidget(viewer)
+    qtbot.addWidget(w)
+    assert w.observation_picker.layer() is obs
+    assert w.observation_status_text().startswith("✓")
+    assert "scale" in w.scale_label.text()
+    assert w.psf_status.text().startswith("✓")
+
+    three = viewer.add_image(np.ones((3, 64, 64), np.float32), name="rgb-like stack")
+    w.observation_picker.set_layer(three)
+    assert w.observation_status_text().startswith("✗") and "18" in w.observation_status_text()
+    assert not w.fix_axes_button.isVisibleTo(w)
+
+    last = viewer.add_image(np.moveaxis(sim.observation, 0, -1), name="channel last")
+    w.observation_picker.set_layer(last)
+    assert w.fix_axes_button.isVisibleTo(w)
+    w.fix_axes_button.click()
+    fixed = w.observation_picker.layer()
+    assert fixed.data.shape == (18, 64, 64)
+    np.testing.assert_array_equal(fixed.data, sim.observation)
+
+    w.observation_picker.set_layer(obs)
+    w.start_preprocess()
+    _wait_done(qtbot, w)
+    pre = w.observation_picker.layer()
+    assert pre.name == "obs preprocessed" and pre.data.shape == obs.data.shape
+    assert pre.metadata["spodnet"]["preprocessed"] == {"median": 5, "minimum": 7, "mode": "subtract"}
+
+    viewer.add_image(np.pad(sim.psf, 1), name="bead 2")  # different size: needs cropping
+    w.psf_list.set_selected([lay for lay in viewer.layers if lay.ndim == 2])
+    assert w.average_selected_psfs() is None
+    assert any("different shapes" in m for m in _errors(notifications))
+    w.crop_check.setChecked(True)
+    avg = w.average_selected_psfs()
+    assert avg.data.shape == (32, 32) and avg.data.sum() == pytest.approx(1, abs=1e-5)
+    assert w.psf_picker.layer() is avg
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _tiny_training(widget, epochs=1):
+    s = get_settings()
+    s.n_layers, s.epochs, s.n_crops, s.batch_size, s.crop_size = 2, epochs, 4, 2, 48
+    assert s.preset == "custom"
+    cfg = widget.config()
+    assert (cfg.n_layers, cfg.epochs, cfg.n_crops, cfg.batch_size, cfg.crop_size) == (2, epochs, 4, 2, 48)
+
+
+def test_train_quick_then_save(make_napari_viewer, qtbot, sim, tmp_path):
+    viewer, obs, psf = _viewer_with_data(make_napari_viewer, sim)
+    w = TrainWidget(viewer)
+    qtbot.addWidget(w)
+    recover = RecoverWidget(viewer)
+    qtbot.addWidget(recover)
+    assert w.layers_list.selected_layers() == [obs] and w.psf_picker.layer() is psf
+    _tiny_training(w)
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(1))
+    timer.start(10)
+    w.start_button.click()
+    assert w.is_running() and w.start_button.text() == "Stop"
+    _wait_done(qtbot, w)
+    timer.stop()
+    assert len(ticks) > 3  # the event loop kept running during training
+    xs, train = w.plot.series("train")
+    _, val = w.plot.series("validation")
+    assert len(xs) == 3 and len(val) == 3  # layer 1 step 1, layer 2 steps 1 and 2
+    assert np.isfinite(train).all()
+    assert w.model is not None and w.model.n_layers == 2
+    assert w.start_button.text() == "Start training"
+    # the Recover widget offers the new model at once
+    assert recover.model_picker.source() == ("registry", w.model_name)
+    path = w.save_checkpoint_to(tmp_path / "trained")
+    assert path.suffix == ".safetensors"
+    assert load_checkpoint(path).n_layers == 2
+
+
+def test_train_stop_keeps_best_model(make_napari_viewer, qtbot, sim):
+    viewer, obs, psf = _viewer_with_data(make_napari_viewer, sim)
+    w = TrainWidget(viewer)
+    qtbot.addWidget(w)
+    _tiny_training(w, epochs=500)
+    w.start()
+    qtbot.waitUntil(lambda: len(w.plot.series("train")[0]) >= 1, timeout=TIMEOUT_MS)
+    t0 = time.perf_counter()
+    w.start_button.click()  # "Stop"
+    _wait_done(qtbot, w)
+    assert time.perf_counter() - t0 < 5.0  # stops within a step (< 1 s on an idle machine)
+    assert w.model is not None
+    assert w.model.metadata["training"]["cancelled"] is True
+    assert len(get_model_registry()) == 1
+    assert "Stopped early" in w.model_label.text()
+
+
+def test_training_bad_input_notifies(make_napari_viewer, qtbot, sim, notifications):
+    viewer, obs, psf = _viewer_with_data(make_napari_viewer, sim)
+    w = TrainWidget(viewer)
+    qtbot.addWidget(w)
+    w.layers_list.set_selected([])
+    assert w.start() is None
+    assert any("select one or more" in m for m in _errors(notifications))
+    w.layers_list.set_selected([obs])
+    get_settings().crop_size = 200  # larger than the 64 x 64 observation: the core says so
+    w.start()
+    _wait_done(qtbot, w)
+    assert any("crop size" in m for m in _errors(notifications))
+    assert w.model is None and w.start_button.text() == "Start training"
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+def test_recover_with_checkpoint_registers_layers(make_napari_viewer, qtbot, sim, tiny_checkpoint):
+    viewer, obs, psf = _viewer_with_data(make_napari_viewer, sim, translate=(0, 10, 20), scale=(1, 0.5, 0.5))
+    w = RecoverWidget(viewer)
+    qtbot.addWidget(w)
+    w.model_picker.set_checkpoint(tiny_checkpoint)
+    assert "2-layer spodnet" in w.model_picker.info_label.text()
+    w.run_button.click()
+    _wait_done(qtbot, w)
+    layers = w.result_layers
+    h = 64 + 32 - 1
+    assert layers["recovered"].data.shape == (18, h, h)
+    assert layers["intensity"].data.shape == (h, h)
+    assert layers["orientation"].rgb and layers["orientation"].data.shape == (h, h, 3)
+    np.testing.assert_allclose(layers["recovered"].translate, (0, 10 - 15.5 * 0.5, 20 - 15.5 * 0.5))
+    np.testing.assert_allclose(layers["intensity"].translate, (10 - 15.5 * 0.5, 20 - 15.5 * 0.5))
+    np.testing.assert_allclose(layers["intensity"].scale, (0.5, 0.5))
+    meta = layers["recovered"].metadata["spodnet"]
+    assert meta["kind"] == "recovered" and meta["method"] == "spodnet" and meta["seconds"] > 0
+    assert "s on cpu" in w.result_label.text()
+    # running again refreshes the same layers instead of adding copies
+    n = len(viewer.layers)
+    w.start()
+    _wait_done(qtbot, w)
+    assert len(viewer.layers) == n
+
+
+def test_recover_time_series_and_current_frame(make_napari_viewer, qtbot, sim):
+    viewer = make_napari_viewer()
+    series = np.stack([sim.observation] * 3)
+    layer = viewer.add_image(series, name="series")
+    get_model_registry().add(SPoDNet(sim.psf, n_layers=2), name="fixture")
+    w = RecoverWidget(viewer)
+    qtbot.addWidget(w)
+    assert w.model_picker.source() == ("registry", "fixture")
+    w.start()
+    _wait_done(qtbot, w)
+    assert w.result_layers["recovered"].data.shape == (3, 18, 95, 95)
+    assert w.result_layers["orientation"].data.shape == (3, 95, 95, 3)
+    np.testing.assert_allclose(w.result_layers["intensity"].translate, (0, -15.5, -15.5))
+    w.all_frames_check.setChecked(False)
+    viewer.dims.set_point(0, 2)
+    w.start()
+    _wait_done(qtbot, w)
+    assert w.result_layers["recovered"].data.shape == (18, 95, 95)
+    assert w.result_layers["recovered"].metadata["spodnet"]["frame"] == 2
+    assert layer.name == "series"
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL_PATH.is_file(), reason="the shipped default model is not installed yet")
+def test_recover_with_shipped_default(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-spodnet", "spod_sample")
+    w = RecoverWidget(viewer)
+    qtbot.addWidget(w)
+    w.model_picker.set_source("default")
+    w.start()
+    _wait_done(qtbot, w)
+    assert w.result_layers["intensity"].data.shape == (287, 287)
+
+
+def test_recover_cancel_is_quiet(make_napari_viewer, qtbot, sim, tiny_checkpoint, notifications):
+    viewer, obs, psf = _viewer_with_data(make_napari_viewer, sim)
+    w = RecoverWidget(viewer)
+    qtbot.addWidget(w)
+    w.model_picker.set_checkpoint(tiny_checkpoint)
+    n = len(viewer.layers)
+    w.start()
+    w.run_button.click()  # "Cancel"
+    _wait_done(qtbot, w)
+    assert len(viewer.layers) == n
+    assert "cancelled" in w.progress.text().lower()
+    assert not _errors(notifications)
+
+
+def test_bad_inputs_notify_without_crash(make_napari_viewer, qtbot, sim, tmp_path, notifications):
+    viewer, obs, psf = _viewer_with_data(make_napari_viewer, sim)
+    rec = RecoverWidget(viewer)
+    fis = FistaWidget(viewer)
+    qtbot.addWidget(rec)
+    qtbot.addWidget(fis)
+    # a 3-channel stack
+    three = viewer.add_image(np.ones((3, 64, 64), np.float32), name="three channels")
+    rec.observation_picker.set_layer(three)
+    get_model_registry().add(SPoDNet(sim.psf, n_layers=1))
+    assert rec.start() is None
+    assert any("18 polarization" in m for m in _errors(notifications))
+    # no PSF chosen
+    fis.observation_picker.set_layer(obs)
+    fis.psf_picker.setCurrentIndex(0)
+    assert fis.start() is None
+    assert any("PSF" in m for m in _errors(notifications))
+    # a corrupt checkpoint: a warning when chosen, an error when used, never a crash
+    bad = tmp_path / "corrupt.safetensors"
+    bad.write_bytes(b"\x00\x01 this is not a checkpoint" * 10)
+    rec.observation_picker.set_layer(obs)
+    rec.model_picker.set_checkpoint(bad)
+    assert any("corrupt.safetensors" in m for s, m in notifications if s == "warning")
+    rec.start()
+    _wait_done(qtbot, rec)
+    assert any("Recovery failed" in m and "corrupt.safetensors" in m for m in _errors(notifications))
+    assert rec.run_button.text() == "Recover"
+    # a checkpoint file not chosen at all
+    rec.model_picker.path_edit.setText("")
+    assert rec.start() is None
+    assert any("Choose a checkpoint" in m for m in _errors(notifications))
+
+
+# --------------------------------------------------------------------------- FISTA
+
+
+def test_fista_comparison_side_by_side(make_napari_viewer, qtbot, sim):
+    viewer, obs, psf = _viewer_with_data(make_napari_viewer, sim)
+    get_model_registry().add(SPoDNet(sim.psf, n_layers=2), name="fixture")
+    w = FistaWidget(viewer)
+    qtbot.addWidget(w)
+    s = get_settings()
+    s.fista_iterations, s.fista_tol = 12, 0.0
+    w.run_button.click()
+    _wait_done(qtbot, w)
+    xs, objective = w.plot.series("FISTA")
+    assert xs == list(range(1, 13))
+    assert objective[-1] <= objective[0]
+    assert len(w.plot.series("SPoD-Net")[0]) == 2
+    layers = w.comparison_layers
+    assert set(layers) == {"mean", "fista", "spodnet", "difference"}
+    assert layers["mean"].data.shape == (64, 64) and layers["fista"].data.shape == (95, 95)
+    np.testing.assert_allclose(layers["fista"].translate, (-15.5, -15.5))
+    np.testing.assert_allclose(layers["difference"].data,
+                               np.abs(layers["fista"].data - layers["spodnet"].data))
+    assert layers["fista"].name.startswith("FISTA: L=") and layers["spodnet"].name.startswith("SPoD-Net: L=")
+    assert layers["fista"].metadata["spodnet"]["objective"] == pytest.approx(objective[-1], rel=1e-5)
+    assert grid_model(viewer).enabled
+    cells = [grid_cell(viewer, layers[k]) for k in ("mean", "fista", "spodnet", "difference")]
+    assert cells == [(0, 0), (0, 1), (1, 0), (1, 1)]  # reading order
+    assert not obs.visible  # only the comparison occupies the grid
+    assert "FISTA: objective" in w.result_label.text() and "SPoD-Net: objective" in w.result_label.text()
+    w.leave_grid()
+    assert not grid_model(viewer).enabled and obs.visible
+
+
+def test_fista_cancel_within_a_second(make_napari_viewer, qtbot, sim, notifications):
+    viewer, obs, psf = _viewer_with_data(make_napari_viewer, sim)
+    w = FistaWidget(viewer)
+    qtbot.addWidget(w)
+    s = get_settings()
+    s.fista_iterations, s.fista_tol, s.compare_spodnet = 100_000, 0.0, False
+    n = len(viewer.layers)
+    w.start()
+    qtbot.waitUntil(lambda: len(w.plot.series("FISTA")[0]) >= 5, timeout=TIMEOUT_MS)
+    t0 = time.perf_counter()
+    w.run_button.click()  # "Cancel"
+    _wait_done(qtbot, w)
+    assert time.perf_counter() - t0 < 2.0
+    assert len(viewer.layers) == n and not grid_model(viewer).enabled
+    assert w.progress.text() == "Cancelled."
+    assert not _errors(notifications)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def test_run_demo_in_viewer(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    widgets = run_demo_in_viewer(viewer, fista_iterations=10)
+    assert viewer.layers[0].data.shape == (18, 256, 256)
+    job_widget = widgets["recover"] if DEFAULT_MODEL_PATH.is_file() else widgets["fista"]
+    _wait_done(qtbot, job_widget)
+    kinds = {layer.metadata.get("spodnet", {}).get("kind") for layer in viewer.layers}
+    assert "intensity" in kinds
