@@ -43,6 +43,9 @@ def save_checkpoint(net: UnrolledISTA, path, extra_metadata: dict | None = None)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a model is meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -64,13 +67,17 @@ def read_checkpoint_metadata(path) -> tuple[dict, dict]:
         raise CheckpointError(f"{path.name} is not a napari-spodnet checkpoint (not a safetensors file: {exc}).") from None
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path.name} is a safetensors file but not a napari-spodnet checkpoint.")
-    if int(header.get("format_version", "0")) > FORMAT_VERSION:
-        raise CheckpointError(f"{path.name} was written by a newer napari-spodnet (format "
-                              f"{header['format_version']}); please upgrade.")
     try:
-        return json.loads(header["config"]), json.loads(header.get("metadata", "{}"))
-    except (KeyError, json.JSONDecodeError) as exc:
+        version = int(header.get("format_version", "0"))
+        config, metadata = json.loads(header["config"]), json.loads(header.get("metadata", "{}"))
+    except (KeyError, ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{path.name}: damaged checkpoint header ({exc}).") from None
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path.name} was written by a newer napari-spodnet (format {version}); please upgrade.")
+    required = {"architecture", "n_channels", "n_layers", "psf_shape"}
+    if not isinstance(config, dict) or not isinstance(metadata, dict) or not required <= set(config):
+        raise CheckpointError(f"{path.name}: damaged checkpoint header (incomplete configuration).")
+    return config, metadata
 
 
 def load_checkpoint(path, device=None, n_channels: int | None = None, psf_shape=None) -> UnrolledISTA:

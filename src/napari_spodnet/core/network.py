@@ -70,7 +70,9 @@ class SPoDLayer(_Layer):
             if n_harmonics >= 1:
                 coeffs[1] = 0.5  # cos^2(pi d / c) = 1/2 + 1/2 cos(2 pi d / c)
             self.h = nn.Parameter(coeffs)
-            self.register_buffer("basis", torch.as_tensor(harmonic_basis(c, n_harmonics), dtype=psf.dtype))
+            # A constant of (c, n_harmonics): rebuilt, not stored in checkpoints.
+            self.register_buffer("basis", torch.as_tensor(harmonic_basis(c, n_harmonics), dtype=psf.dtype),
+                                 persistent=False)
         else:
             d = torch.arange(c, dtype=torch.float64)
             self.h = nn.Parameter(torch.cos(math.pi * d / c).pow(2).to(psf.dtype))

@@ -80,6 +80,7 @@ class TrainingConfig:
             (self.lam >= 0, "lam must be >= 0"),
             (self.lr > 0, "the learning rate must be > 0"),
             (self.epochs >= 1 and self.batch_size >= 1 and self.n_crops >= 1, "epochs, batch and crops must be >= 1"),
+            (self.n_val_crops >= 1, "n_val_crops must be >= 1"),
             (self.crop_size >= 8, "crop_size must be >= 8"),
             (self.shrink in ("lr-decay", "parameters"), f"shrink {self.shrink!r}"),
             (self.loss in ("unsupervised", "supervised"), f"loss {self.loss!r}"),
@@ -297,9 +298,9 @@ class Trainer:
         return self._finish(getattr(self, "_start", time.perf_counter()), cancelled=True)
 
     def _finish(self, start: float, cancelled: bool) -> UnrolledISTA:
-        net = self.net if not cancelled or self.best_state is None else self.best_state[1]
-        if net is None or net.n_layers == 0:
-            raise TrainingError("Training was cancelled before any layer was trained.")
+        if cancelled and self.best_state is None:
+            raise TrainingError("Training was cancelled before any layer was trained; nothing to keep.")
+        net = self.best_state[1] if cancelled else self.net
         net = net.eval()
         last = self.history[-1] if self.history else None
         cfg = asdict(self.config)

@@ -1,0 +1,331 @@
+"""Tests of the unrolled networks (core/network.py): SPoD-Net and LISTA-Net.
+
+The central check (method.md section 6): an untrained network with ``alpha = 0`` computes
+exactly ``M`` ISTA iterations, so it must equal :func:`ista` to float64 precision.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from napari_spodnet.core.network import (  # noqa: E402
+    LISTANet,
+    SPoDNet,
+    build_network,
+    count_parameters,
+    leaky_soft_threshold,
+)
+from napari_spodnet.core.physics import SPoDOperator, direct_adjoint  # noqa: E402
+from napari_spodnet.core.simulate import gaussian_psf, simulate  # noqa: E402
+from napari_spodnet.core.solvers import ista  # noqa: E402
+from napari_spodnet.core.validation import SPoDInputError  # noqa: E402
+
+C = 18
+LAM = 0.05
+
+
+def _normalised(obs: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(obs, [25, 99.9])
+    return (obs - lo) / (hi - lo)
+
+
+@pytest.fixture(scope="module")
+def psf():
+    return gaussian_psf(9, 1.5)
+
+
+@pytest.fixture(scope="module")
+def y64(psf):
+    """A normalised 32 x 32 observation (image 40 x 40: an even FFT size), float64."""
+    sim = simulate((32, 32), psf=psf, seed=1)
+    return torch.as_tensor(_normalised(sim.observation), dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def op64(psf):
+    return SPoDOperator(psf, C, dtype=torch.float64)
+
+
+def _perturb(net: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
+    """Give every layer its own, different parameters (as training would)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m, layer in enumerate(net.layers):
+            for p in layer.parameters():
+                noise = torch.rand(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+                p.mul_(1 + scale * (m + 1) * noise)
+
+
+# -- untrained network == ISTA --------------------------------------------------------------
+
+@pytest.mark.parametrize("orientation", ["harmonic", "full"])
+@pytest.mark.parametrize("threshold", ["lst", "nst"])
+def test_untrained_spodnet_alpha0_equals_ista(op64, y64, orientation, threshold):
+    n_layers = 6
+    net = SPoDNet.from_operator(op64, n_layers=n_layers, lam=LAM, alpha=0.0, threshold=threshold,
+                                orientation=orientation)
+    assert net.psf.dtype == torch.float64
+    ref = ista(op64, y64, LAM, max_iter=n_layers, tol=0).x
+    with torch.no_grad():
+        x = net(y64)
+    assert x.shape == ref.shape
+    # non-trivial comparison: a sparse but non-empty result
+    assert 0.01 < float((ref > 0).double().mean()) < 0.99
+    np.testing.assert_allclose(x.numpy(), ref.numpy(), rtol=0, atol=1e-12)
+    # each prefix of the network is the same number of ISTA iterations
+    for k in (1, 3):
+        ref_k = ista(op64, y64, LAM, max_iter=k, tol=0).x
+        np.testing.assert_allclose(net(y64, n_layers=k).detach().numpy(), ref_k.numpy(), rtol=0, atol=1e-12)
+
+
+def test_untrained_listanet_alpha0_equals_ista(op64, y64):
+    net = LISTANet.from_operator(op64, n_layers=4, lam=LAM, alpha=0.0)
+    ref = ista(op64, y64, LAM, max_iter=4, tol=0).x
+    x = net.recover(y64)
+    np.testing.assert_allclose(x.numpy(), ref.numpy(), rtol=0, atol=1e-12)
+
+
+def test_alpha_leak_differs_from_ista_but_output_non_negative(op64, y64):
+    net = SPoDNet.from_operator(op64, n_layers=4, lam=LAM, alpha=0.1)
+    ref = ista(op64, y64, LAM, max_iter=4, tol=0).x
+    x = net.recover(y64)
+    assert float((x - ref).abs().max()) > 1e-6
+    assert float(x.min()) >= 0.0
+    # without the post-threshold the leak shows as negative values
+    with torch.no_grad():
+        raw = net(y64, post_threshold=False)
+    assert float(raw.min()) < 0.0
+    np.testing.assert_array_equal(torch.clamp(raw, min=0).numpy(), x.numpy())
+
+
+def test_nst_ignores_alpha(op64):
+    net = SPoDNet.from_operator(op64, n_layers=1, lam=LAM, alpha=0.3, threshold="nst")
+    assert net.alpha == 0.0
+
+
+# -- reference check against the direct (conv2d) operator ------------------------------------
+
+def _first_layer_reference(psf64: torch.Tensor, y: torch.Tensor, lam: float, lipschitz: float,
+                           size_ratio: float) -> torch.Tensor:
+    """One ISTA step from zero with the direct spatial adjoint (no FFTs)."""
+    return torch.clamp(direct_adjoint(y, psf64, C) / lipschitz - lam / lipschitz * size_ratio, min=0)
+
+
+@pytest.mark.parametrize("arch,obs_size", [
+    # obs 32 -> image 40: FFT length 40; obs 34 -> image 42, whose 5-smooth fast length 45 is odd
+    ("spodnet-harmonic", 32), ("spodnet-full", 32), ("listanet", 32), ("listanet", 34),
+    # regression: fft_shape used to return odd widths, which SeparableSPoDConv re-derived as 2*(n-1)
+    ("spodnet-harmonic", 34), ("spodnet-full", 34),
+])
+def test_first_layer_matches_direct_reference(psf, arch, obs_size):
+    op = SPoDOperator(psf, C, dtype=torch.float64)
+    y = torch.as_tensor(_normalised(simulate((obs_size, obs_size), psf=psf, seed=2).observation),
+                        dtype=torch.float64)
+    if arch == "listanet":
+        net = LISTANet.from_operator(op, n_layers=1, lam=LAM, alpha=0.0)
+    else:
+        net = SPoDNet.from_operator(op, n_layers=1, lam=LAM, alpha=0.0, orientation=arch.split("-")[1])
+    h = obs_size + psf.shape[0] - 1
+    ref = _first_layer_reference(op.psf, y, LAM, op.lipschitz_bound(), obs_size ** 2 / h ** 2)
+    np.testing.assert_allclose(net.recover(y).numpy(), ref.numpy(), rtol=0, atol=1e-10)
+
+
+# -- shapes, batching, size_ratio --------------------------------------------------------------
+
+def test_output_shape_non_square_psf():
+    psf = np.outer(gaussian_psf(9, 1.5)[:, 4], gaussian_psf(7, 1.2)[:, 3])  # (9, 7)
+    net = SPoDNet(psf, C, n_layers=2)
+    y = torch.rand(C, 32, 30)
+    assert net.recover(y).shape == (C, 32 + 8, 30 + 6)
+    assert net.psf_shape == (9, 7)
+    lnet = LISTANet(psf, C, n_layers=1)
+    assert lnet.recover(y).shape == (C, 40, 36)
+
+
+def test_batched_equals_per_item(psf):
+    net = SPoDNet(psf, C, n_layers=3, lam=LAM)
+    _perturb(net)
+    gen = torch.Generator().manual_seed(3)
+    y = torch.rand((2, 3, C, 24, 24), generator=gen)
+    out = net.recover(y)
+    assert out.shape == (2, 3, C, 32, 32)
+    for i in range(2):
+        for j in range(3):
+            np.testing.assert_allclose(out[i, j].numpy(), net.recover(y[i, j]).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_size_ratio_scales_threshold(op64, y64):
+    net = SPoDNet.from_operator(op64, n_layers=1, lam=LAM, alpha=0.0)
+    H, W = y64.shape[-2:]
+    h, w = H + 8, W + 8
+    default_ratio = H * W / (h * w)
+    L = op64.lipschitz_bound()
+    base = op64.adjoint(y64) / L
+    for ratio in (default_ratio, 2.0, 0.25):
+        expected = torch.clamp(base - LAM / L * ratio, min=0)
+        np.testing.assert_allclose(net.recover(y64, size_ratio=ratio).numpy(), expected.numpy(),
+                                   rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(net.recover(y64).numpy(), net.recover(y64, size_ratio=default_ratio).numpy())
+    # a larger ratio thresholds harder: fewer non-zeros, and it matters for a deep network too
+    deep = SPoDNet.from_operator(op64, n_layers=4, lam=LAM)
+    a, b = deep.recover(y64), deep.recover(y64, size_ratio=4 * default_ratio)
+    assert int((b > 0).sum()) < int((a > 0).sum())
+
+
+# -- parameters ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("psf_shape", [(9, 9), (9, 7)])
+def test_parameter_counts(psf_shape):
+    a, b = psf_shape
+    psf = np.ones(psf_shape, dtype=np.float32)
+    M = 3
+    assert count_parameters(SPoDNet(psf, C, n_layers=M)) == M * (a * b + 3 + 2)
+    assert count_parameters(SPoDNet(psf, C, n_layers=M, n_harmonics=2)) == M * (a * b + 5 + 2)
+    assert count_parameters(SPoDNet(psf, C, n_layers=M, orientation="full")) == M * (a * b + C + 2)
+    assert count_parameters(LISTANet(psf, C, n_layers=M)) == M * (a * b * C * C + 2)
+    assert count_parameters(SPoDNet(psf, C, n_layers=0)) == 0
+
+
+def test_harmonic_init_is_cos_squared(psf):
+    net = SPoDNet(psf, C, n_layers=1)
+    full = SPoDNet(psf, C, n_layers=1, orientation="full")
+    d = np.arange(C)
+    expected = np.cos(np.pi * d / C) ** 2
+    np.testing.assert_allclose(net.layers[0].orientation_filter().detach().numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(full.layers[0].orientation_filter().detach().numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(net.layers[0].g.detach().numpy(), psf, atol=0)
+
+
+def test_truncated_equals_first_layers(psf):
+    net = SPoDNet(psf, C, n_layers=4, lam=LAM, orientation="full")
+    _perturb(net, seed=5, scale=0.1)
+    net.metadata = {"name": "x"}
+    y = torch.rand(C, 24, 24, generator=torch.Generator().manual_seed(1))
+    for k in (1, 2, 4):
+        t = net.truncated(k)
+        assert type(t) is SPoDNet and t.n_layers == k and t.orientation == "full"
+        np.testing.assert_array_equal(t.recover(y).numpy(), net(y, n_layers=k).detach().numpy())
+        for p, q in zip(t.parameters(), list(net.parameters())[:len(list(t.parameters()))]):
+            assert torch.equal(p, q)
+        assert t.metadata == {"name": "x"}
+    assert net.n_layers == 4
+    # the truncated copy is independent of the original
+    t = net.truncated(2)
+    with torch.no_grad():
+        t.layers[0].eta.mul_(2)
+    assert float(net.layers[0].eta.detach()) != float(t.layers[0].eta.detach())
+    lnet = LISTANet(psf, C, n_layers=3)
+    _perturb(lnet, seed=6)
+    np.testing.assert_array_equal(lnet.truncated(2).recover(y).numpy(), lnet(y, n_layers=2).detach().numpy())
+
+
+def test_build_network_round_trip(psf):
+    for net in (SPoDNet(psf, C, n_layers=2, lam=0.1, alpha=0.2, orientation="full"),
+                SPoDNet(psf, C, n_layers=2, n_harmonics=2, threshold="nst"), LISTANet(psf, C, n_layers=1)):
+        clone = build_network(net.config(), net.psf.numpy())
+        assert clone.config() == net.config()
+        assert type(clone) is type(net)
+    with pytest.raises(SPoDInputError):
+        build_network({"architecture": "resnet"}, psf)
+
+
+# -- gradients, caching ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [
+    lambda psf: SPoDNet(psf, C, n_layers=2, lam=LAM),
+    lambda psf: SPoDNet(psf, C, n_layers=2, lam=LAM, orientation="full"),
+    lambda psf: LISTANet(psf, C, n_layers=2, lam=LAM),
+], ids=["harmonic", "full", "listanet"])
+def test_gradient_flows_to_all_parameters(psf, make):
+    net = make(psf)
+    op = SPoDOperator(psf, C)
+    y = torch.as_tensor(_normalised(simulate((24, 24), psf=psf, seed=4).observation), dtype=torch.float32)
+    loss = op.objective(y, net(y), LAM)
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+    for m in range(2):
+        assert float(net.layers[m].eta.grad.abs()) > 0
+        assert float(net.layers[m].theta.grad.abs()) > 0
+    spatial = [net.layers[m].g if hasattr(net.layers[m], "g") else net.layers[m].weight for m in range(2)]
+    assert all(float(g.grad.abs().max()) > 0 for g in spatial)
+
+
+def test_inplace_parameter_change_invalidates_cache(psf):
+    net = SPoDNet(psf, C, n_layers=2)
+    y = torch.rand(C, 24, 24, generator=torch.Generator().manual_seed(0))
+    before = net.recover(y).clone()
+    with torch.no_grad():
+        net.layers[0].g.mul_(1.5)
+    after = net.recover(y)
+    assert not torch.allclose(before, after)
+    with torch.enable_grad():
+        fresh = net(y).detach()
+    np.testing.assert_allclose(after.numpy(), fresh.numpy(), rtol=1e-6, atol=1e-7)
+
+
+# -- input checks and the threshold ------------------------------------------------------------
+
+def test_wrong_input_raises(psf):
+    net = SPoDNet(psf, C, n_layers=1)
+    with pytest.raises(SPoDInputError, match="18"):
+        net.recover(torch.rand(12, 24, 24))
+    with pytest.raises(SPoDInputError):
+        net.recover(torch.rand(24, 24))
+    with pytest.raises(SPoDInputError):
+        net(torch.rand(C, 24, 24), n_layers=0)
+    with pytest.raises(SPoDInputError):
+        SPoDNet(psf, C, n_layers=0).recover(torch.rand(C, 24, 24))
+
+
+@pytest.mark.parametrize("kwargs", [dict(threshold="relu"), dict(orientation="diagonal"), dict(n_layers=-1),
+                                    dict(alpha=-0.1), dict(n_harmonics=9)])
+def test_bad_constructor_arguments(psf, kwargs):
+    with pytest.raises(SPoDInputError):
+        SPoDNet(psf, C, **kwargs)
+
+
+def test_bad_psf_rejected():
+    with pytest.raises(SPoDInputError):
+        SPoDNet(np.zeros((5, 5)), C, n_layers=1)
+    with pytest.raises(SPoDInputError):
+        SPoDNet(np.ones((2, 5, 5)), C, n_layers=1)
+
+
+def test_leaky_soft_threshold_formula():
+    z = torch.linspace(-2, 2, 41, dtype=torch.float64)
+    theta = torch.tensor(0.3, dtype=torch.float64)
+    zn, t = z.numpy(), 0.3
+    for alpha in (0.1, 0.5):
+        expected = np.where(zn - t >= 0, zn - t, alpha * (zn - t))
+        np.testing.assert_allclose(leaky_soft_threshold(z, theta, alpha).numpy(), expected, atol=1e-15)
+    np.testing.assert_allclose(leaky_soft_threshold(z, theta, 0.0).numpy(), np.maximum(zn - t, 0), atol=1e-15)
+    # continuous at theta, slope alpha below it
+    out = leaky_soft_threshold(torch.tensor([0.3, 0.2], dtype=torch.float64), theta, 0.1).numpy()
+    np.testing.assert_allclose(out, [0.0, -0.01], atol=1e-15)
+    # tensor-valued (per-element) thresholds broadcast
+    thetas = torch.linspace(0, 1, 41, dtype=torch.float64)
+    np.testing.assert_allclose(leaky_soft_threshold(z, thetas, 0.0).numpy(), np.maximum(zn - thetas.numpy(), 0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_network_on_cuda_matches_cpu_and_ista(psf, y64):
+    op = SPoDOperator(psf, C, dtype=torch.float64, device="cuda")
+    net = SPoDNet.from_operator(op, n_layers=4, lam=LAM, alpha=0.0)
+    assert net.psf.device.type == "cuda"
+    y = y64.to("cuda")
+    x = net.recover(y)
+    ref = ista(op, y, LAM, max_iter=4, tol=0).x
+    np.testing.assert_allclose(x.cpu().numpy(), ref.cpu().numpy(), rtol=0, atol=1e-12)
+    cpu = SPoDNet.from_operator(SPoDOperator(psf, C, dtype=torch.float64), n_layers=4, lam=LAM, alpha=0.0)
+    np.testing.assert_allclose(x.cpu().numpy(), cpu.recover(y64).numpy(), rtol=0, atol=1e-10)
+    # gradients on the GPU
+    net32 = SPoDNet(psf, C, n_layers=2, lam=LAM).to("cuda")
+    op32 = SPoDOperator(psf, C, device="cuda")
+    y32 = y.float()
+    op32.objective(y32, net32(y32), LAM).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net32.parameters())

@@ -1,0 +1,388 @@
+"""Tests of layer-wise training (core/training.py), on tiny configurations (method.md section 7)."""
+
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from napari_spodnet.core.network import LISTANet, SPoDNet  # noqa: E402
+from napari_spodnet.core.physics import SPoDOperator  # noqa: E402
+from napari_spodnet.core.preprocess import NormalizationSettings  # noqa: E402
+from napari_spodnet.core.simulate import gaussian_psf, render_filament, simulate, simulate_time_series  # noqa: E402
+from napari_spodnet.core.solvers import DEFAULT_LAMBDA  # noqa: E402
+from napari_spodnet.core.training import (  # noqa: E402
+    PRESETS,
+    Trainer,
+    TrainingConfig,
+    TrainingError,
+    TrainingProgress,
+    prepare_observations,
+    random_crops,
+    train_spodnet,
+)
+from napari_spodnet.core.validation import SPoDInputError  # noqa: E402
+
+C = 18
+TINY = dict(n_layers=2, epochs=2, n_crops=4, batch_size=2, crop_size=32, n_val_crops=2)
+
+
+@pytest.fixture(scope="module")
+def psf():
+    return gaussian_psf(9)
+
+
+@pytest.fixture(scope="module")
+def observations(psf):
+    return [simulate((48, 48), psf=psf, seed=s).observation for s in range(2)]
+
+
+def _train(observations, psf, callback=None, **overrides):
+    return train_spodnet(observations, psf, preset="quick", callback=callback, device="cpu",
+                         **{**TINY, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(observations, psf):
+    return _train(observations, psf)
+
+
+def _params(net):
+    return [p.detach().clone() for p in net.parameters()]
+
+
+# -- the default run ------------------------------------------------------------------------------
+
+def test_returns_network_and_history(trained):
+    net, history = trained
+    assert isinstance(net, SPoDNet)
+    assert net.n_layers == 2 and net.n_channels == C and net.psf_shape == (9, 9)
+    assert not net.training  # eval mode
+    assert all(isinstance(h, TrainingProgress) for h in history)
+    epochs, n_layers = TINY["epochs"], TINY["n_layers"]
+    assert len(history) == epochs * (2 * n_layers - 1) + 1
+    assert [h.stage for h in history] == ["step1"] * 2 + ["step1"] * 2 + ["step2"] * 2 + ["done"]
+    assert [h.layer for h in history[:-1]] == [1, 1, 2, 2, 2, 2]
+    elapsed = [h.elapsed for h in history]
+    fractions = [h.fraction for h in history]
+    assert all(b >= a for a, b in zip(elapsed, elapsed[1:]))
+    assert elapsed[-1] > elapsed[0]
+    assert all(b > a for a, b in zip(fractions[:-1], fractions[1:-1]))
+    assert fractions[-1] == 1.0 and fractions[-2] == pytest.approx(1.0)
+    assert all(0 < f <= 1 for f in fractions)
+    done = history[-1]
+    assert done.stage == "done" and done.message == "finished"
+    assert all(np.isfinite(h.train_loss) and np.isfinite(h.val_loss) for h in history)
+    assert isinstance(history[0].to_dict(), dict) and history[0].to_dict()["stage"] == "step1"
+
+
+def _validation_crops(observations, psf, config):
+    """The trainer's validation crops: the normalised frames, generator seed + 1, no flips."""
+    frames = prepare_observations(observations, psf.shape, C, config)
+    return torch.as_tensor(random_crops(frames, config.n_val_crops, config.crop_size,
+                                        np.random.default_rng(config.seed + 1), False))
+
+
+def test_training_lowers_validation_objective(trained, observations, psf):
+    """The trained network beats its own initialisation (2 ISTA steps) on the validation crops."""
+    net, history = trained
+    config = TrainingConfig.preset("quick", **TINY)
+    val = _validation_crops(observations, psf, config)
+    op = SPoDOperator(psf, C)
+    untrained = SPoDNet(psf, C, n_layers=2, lam=config.lam, alpha=config.alpha, lipschitz=op.lipschitz_bound())
+    f_trained = float(op.objective(val, net.recover(val), config.lam).mean())
+    f_untrained = float(op.objective(val, untrained.recover(val), config.lam).mean())
+    assert f_trained < 0.98 * f_untrained
+    # the history reports the same validation loss for the final network
+    assert history[-2].val_loss == pytest.approx(f_trained, rel=1e-4)
+    # and the parameters did move away from the ISTA values
+    assert any(not torch.allclose(p, q) for p, q in zip(net.parameters(), untrained.parameters()))
+
+
+def test_metadata_records_normalization_and_training(trained):
+    net, history = trained
+    meta = net.metadata
+    assert meta["normalization"] == NormalizationSettings().to_dict()
+    assert meta["preprocess"] is None
+    t = meta["training"]
+    expected_cfg = asdict(TrainingConfig.preset("quick", lam=DEFAULT_LAMBDA, **TINY))
+    assert t["config"] == expected_cfg
+    assert t["config"]["preset_name"] == "quick" and t["config"]["n_layers"] == 2
+    assert t["cancelled"] is False
+    assert t["layers_trained"] == 2
+    assert t["device"] == "cpu"
+    assert t["seconds"] >= 0
+    assert t["final_val_loss"] == history[-2].val_loss
+    assert t["final_train_loss"] == history[-2].train_loss
+    assert t["best_val_loss"] <= t["final_val_loss"]
+    assert t["flips"] is True  # a Gaussian PSF is mirror-symmetric
+
+
+def test_seeded_runs_are_deterministic(observations, psf, trained):
+    net_a, hist_a = trained
+    net_b, hist_b = _train(observations, psf)
+    for p, q in zip(net_a.state_dict().values(), net_b.state_dict().values()):
+        assert torch.equal(p, q)
+    assert [h.val_loss for h in hist_a] == [h.val_loss for h in hist_b]
+    net_c, _ = _train(observations, psf, seed=7)
+    assert any(not torch.equal(p, q) for p, q in zip(net_a.parameters(), net_c.parameters()))
+
+
+# -- cancel ---------------------------------------------------------------------------------------------
+
+def test_cancel_from_callback_keeps_best_model(observations, psf):
+    seen = []
+
+    def callback(progress):
+        seen.append(progress)
+        return True
+
+    net, history = _train(observations, psf, callback=callback)
+    assert len(seen) == 1
+    assert net is not None and net.n_layers == 1
+    assert net.metadata["training"]["cancelled"] is True
+    assert net.metadata["training"]["layers_trained"] == 1
+    assert history[-1].stage == "done" and "cancel" in history[-1].message
+    assert history[-1].fraction == 1.0
+    # the best model so far: its validation loss is the one reported at the cancel
+    assert net.metadata["training"]["best_val_loss"] == seen[0].val_loss
+    y = torch.rand(C, 32, 32)
+    assert net.recover(y).shape == (C, 40, 40)
+
+
+def test_cancel_returns_best_not_latest(observations, psf):
+    """With a large learning rate the validation loss goes up and down; a cancel right after an
+    epoch that made things worse must return the earlier, better network."""
+    seen = []
+
+    def callback(progress):
+        worse = bool(seen) and progress.val_loss > min(p.val_loss for p in seen)
+        seen.append(progress)
+        return worse
+
+    net, _ = _train(observations, psf, callback=callback, lr=0.05)
+    assert seen[-1].val_loss > min(p.val_loss for p in seen[:-1]), "the set-up never had a worse epoch"
+    best = min(p.val_loss for p in seen)
+    assert net.metadata["training"]["cancelled"] is True
+    assert net.metadata["training"]["best_val_loss"] == best
+    config = TrainingConfig.preset("quick", **{**TINY, "lr": 0.05})
+    val = _validation_crops(observations, psf, config)
+    op = SPoDOperator(psf, C)
+    assert float(op.objective(val, net.recover(val), config.lam).mean()) == pytest.approx(best, rel=1e-4)
+
+
+def test_trainer_generator_and_cancel_between_layers(observations, psf):
+    config = TrainingConfig.preset("quick", **TINY)
+    trainer = Trainer(observations, psf, config, device="cpu")
+    gen = trainer.run_iter()
+    updates = []
+    for update in gen:
+        updates.append(update)
+        if update.layer == 2:
+            trainer.cancel()
+    # the generator ended on the cancel; the trainer kept its best model
+    assert trainer.cancelled
+    best = trainer.best_model()
+    assert best is not None and best.n_layers == 2
+    assert len(updates) == 3  # two epochs of layer 1, the first of layer 2
+
+
+def test_cancel_before_any_update_raises(observations, psf):
+    trainer = Trainer(observations, psf, TrainingConfig.preset("quick", **TINY), device="cpu")
+    trainer.cancel()
+    gen = trainer.run_iter()
+    try:
+        next(gen)
+    except TrainingError:
+        return
+    except StopIteration as stop:
+        net = stop.value
+        pytest.fail(f"cancel before any update returned an untrained {net.n_layers}-layer network with "
+                    f"layers_trained={net.metadata['training']['layers_trained']}")
+    pytest.fail("training went on after cancel()")
+
+
+# -- options ---------------------------------------------------------------------------------------------
+
+def test_supervised_loss_runs(observations, psf, trained):
+    net, history = _train(observations, psf, loss="supervised", supervised_iterations=30)
+    assert net.n_layers == 2
+    assert net.metadata["training"]["config"]["loss"] == "supervised"
+    assert all(np.isfinite(h.val_loss) for h in history)
+    # a different loss: the reported losses are not the unsupervised ones
+    assert history[-2].val_loss != trained[1][-2].val_loss
+
+
+def test_shrink_parameters_option(observations, psf, trained):
+    net, _ = _train(observations, psf, shrink="parameters")
+    assert net.n_layers == 2
+    # the literal pseudo-code multiplies layer 1 by gamma = 0.3 before layer 2 is added; step 2
+    # then moves it only a little (lr 0.02 * 2e-3, four Adam steps). Layer 1 before the shrink is
+    # what a one-layer run with the same seed trains.
+    one_layer, _ = _train(observations, psf, n_layers=1)
+    before = one_layer.layers[0]
+    after = net.layers[0]
+    assert float(after.eta.detach()) == pytest.approx(0.3 * float(before.eta.detach()), abs=1e-3)
+    assert float(after.theta.detach()) == pytest.approx(0.3 * float(before.theta.detach()), abs=1e-3)
+    np.testing.assert_allclose(after.g.detach().numpy(), 0.3 * before.g.detach().numpy(), atol=5e-4)
+    # the default (lr-decay) leaves layer 1 near its trained values
+    assert float(trained[0].layers[0].eta.detach()) == pytest.approx(float(before.eta.detach()), abs=1e-3)
+
+
+def test_nst_threshold_runs(observations, psf):
+    net, history = _train(observations, psf, threshold="nst")
+    assert net.threshold == "nst" and net.alpha == 0.0 and net.n_layers == 2
+    assert np.isfinite(history[-1].val_loss)
+
+
+def test_listanet_runs(observations, psf):
+    net, history = _train(observations, psf, architecture="listanet")
+    assert isinstance(net, LISTANet) and net.n_layers == 2
+    assert np.isfinite(history[-1].val_loss)
+    assert net.recover(torch.rand(C, 32, 32)).shape == (C, 40, 40)
+
+
+def test_full_orientation_runs(observations, psf):
+    net, _ = _train(observations, psf, orientation="full")
+    assert net.orientation == "full" and net.layers[0].h.shape == (C,)
+
+
+def test_preprocess_recorded(observations, psf):
+    net, _ = _train(observations, psf, preprocess=True, n_layers=1, epochs=1)
+    assert net.metadata["preprocess"] == {"median": 5, "minimum": 7, "mode": "subtract"}
+
+
+def test_time_series_and_validation_observations(psf):
+    series = simulate_time_series(3, (48, 48), psf=psf).observation
+    config = TrainingConfig.preset("quick", **TINY)
+    frames = prepare_observations(series, psf.shape, C, config)
+    assert len(frames) == 3 and frames[0].shape == (C, 48, 48)
+    val = simulate((40, 40), psf=psf, seed=9).observation
+    trainer = Trainer([series], psf, config, device="cpu", validation_observations=[val])
+    assert len(trainer.frames) == 3 and len(trainer.val_frames) == 1
+
+
+def test_asymmetric_psf_disables_flips(observations):
+    psf = np.zeros((9, 9), dtype=np.float32)
+    psf[4, 4], psf[4, 6], psf[2, 3] = 1.0, 0.5, 0.3
+    trainer = Trainer(observations, psf, TrainingConfig.preset("quick", **TINY), device="cpu")
+    assert trainer.flips is False
+
+
+# -- failures ---------------------------------------------------------------------------------------------
+
+def test_diverging_training_raises_not_nan(observations, psf):
+    try:
+        net, _ = _train(observations, psf, lr=1e6)
+    except TrainingError as exc:
+        assert "learning rate" in str(exc)
+    else:  # pragma: no cover - either a clear error or a usable network
+        assert all(torch.isfinite(p).all() for p in net.parameters())
+        pytest.fail("lr=1e6 finished without a TrainingError")
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(n_layers=0), dict(lr=0.0), dict(lr=-1e-3), dict(epochs=0), dict(batch_size=0), dict(n_crops=0),
+    dict(crop_size=4), dict(shrink="halve"), dict(loss="l2"), dict(gamma=0.0), dict(gamma=1.5),
+    dict(architecture="resnet"), dict(lam=-0.1), dict(threshold="relu"), dict(orientation="diagonal"),
+    dict(alpha=-0.1),
+    dict(n_val_crops=0),
+], ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_bad_config_raises_input_error(observations, psf, overrides):
+    with pytest.raises(SPoDInputError):
+        _train(observations, psf, **overrides)
+
+
+def test_unknown_preset(observations, psf):
+    with pytest.raises(SPoDInputError, match="preset"):
+        train_spodnet(observations, psf, preset="fastest", device="cpu")
+    assert set(PRESETS) >= {"quick", "paper"}
+
+
+def test_crop_larger_than_observation(observations, psf):
+    with pytest.raises(SPoDInputError, match="crop size"):
+        _train(observations, psf, crop_size=64)
+
+
+def test_bad_observations(psf, observations):
+    with pytest.raises(SPoDInputError):
+        _train([], psf)
+    with pytest.raises(SPoDInputError):
+        _train([observations[0][:12]], psf)  # 12 channels
+    bad = observations[0].copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(SPoDInputError):
+        _train([bad], psf)
+    with pytest.raises(SPoDInputError):
+        _train(observations, np.ones((64, 64)))  # PSF larger than the frames
+
+
+# -- random crops and flips ---------------------------------------------------------------------------------
+
+def test_random_crops_flip_mirrors_channel_order():
+    c, n = 6, 64
+    t, i, j = np.meshgrid(np.arange(c), np.arange(5), np.arange(5), indexing="ij")
+    obs = (100 * t + 10 * i + j).astype(np.float32)  # every value tells its channel and pixel
+    mirror = (-np.arange(c)) % c
+    assert list(mirror) == [0, 5, 4, 3, 2, 1]
+    candidates = {
+        "none": obs,
+        "horizontal": obs[mirror][:, :, ::-1],
+        "vertical": obs[mirror][:, ::-1, :],
+        "both": obs[:, ::-1, ::-1],  # two mirrors: channels back in order, a 180 degree rotation
+    }
+    # spell out one case: after a horizontal flip, output channel t holds input channel -t mod c
+    for k in range(c):
+        np.testing.assert_array_equal(candidates["horizontal"][k], obs[(-k) % c][:, ::-1])
+    crops = random_crops([obs], n, 5, np.random.default_rng(0), flips=True)
+    assert crops.shape == (n, c, 5, 5) and crops.dtype == np.float32
+    seen = set()
+    for crop in crops:
+        matches = [name for name, cand in candidates.items() if np.array_equal(crop, cand)]
+        assert len(matches) == 1, "a crop is not one of the four consistent flips"
+        seen.add(matches[0])
+    assert seen == set(candidates)
+    # without flips every crop is the original
+    plain = random_crops([obs], 8, 5, np.random.default_rng(0), flips=False)
+    assert all(np.array_equal(crop, obs) for crop in plain)
+
+
+def test_random_crops_are_windows():
+    rng = np.random.default_rng(1)
+    obs = rng.random((3, 20, 30)).astype(np.float32)
+    crops = random_crops([obs], 10, 8, np.random.default_rng(2), flips=False)
+    for crop in crops:
+        hits = [(r, s) for r in range(13) for s in range(23) if np.array_equal(obs[:, r:r + 8, s:s + 8], crop)]
+        assert len(hits) == 1
+    # the same generator state gives the same crops
+    again = random_crops([obs], 10, 8, np.random.default_rng(2), flips=False)
+    np.testing.assert_array_equal(crops, again)
+
+
+def test_flip_needs_channel_mirror_for_physical_crops():
+    """Why the channel order is mirrored: a mirrored filament runs at angle -theta, so its dipoles
+    sit in channel -k mod c. Flipping the pixels of a rendered filament matches the rendering of
+    the mirrored filament only when the channels are mirrored too."""
+    shape, w = (24, 24), 24
+    points = np.array([[5.0, 3.0], [15.0, 20.0]])  # about -30 degrees, between channels
+    mirrored_points = points.copy()
+    mirrored_points[:, 1] = (w - 1) - points[:, 1]
+    img = render_filament(points, shape, C)
+    mirrored = render_filament(mirrored_points, shape, C)
+    mirror = (-np.arange(C)) % C
+    np.testing.assert_allclose(img[mirror][:, :, ::-1], mirrored, atol=1e-12)
+    assert np.abs(img[:, :, ::-1] - mirrored).max() > 0.1 * mirrored.max()
+    # the same through random_crops: every flipped crop is the rendering of the mirrored structure
+    row_mirrored = points.copy()
+    row_mirrored[:, 0] = (shape[0] - 1) - points[:, 0]
+    both = (shape[0] - 1, w - 1) - points
+    expected = [render_filament(p, shape, C) for p in (points, mirrored_points, row_mirrored, both)]
+    crops = random_crops([img.astype(np.float32)], 40, 24, np.random.default_rng(0), flips=True)
+    seen = set()
+    for crop in crops:
+        hits = [i for i, e in enumerate(expected) if np.allclose(crop, e, rtol=1e-5, atol=1e-6)]
+        assert len(hits) == 1
+        seen.add(hits[0])
+    assert seen == {0, 1, 2, 3}
