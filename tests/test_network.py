@@ -329,3 +329,34 @@ def test_network_on_cuda_matches_cpu_and_ista(psf, y64):
     y32 = y.float()
     op32.objective(y32, net32(y32), LAM).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net32.parameters())
+
+
+# -- learned FISTA momentum (an extension beyond the paper) ------------------------------------------
+
+@pytest.mark.parametrize("n_layers", [1, 2, 6])
+def test_untrained_momentum_network_equals_fista_without_restart(n_layers):
+    from napari_spodnet.core.solvers import fista
+
+    rng = np.random.default_rng(5)
+    op = SPoDOperator(rng.random((5, 7)), 18, dtype=torch.float64)
+    y = torch.tensor(rng.random((2, 18, 16, 19)))
+    net = SPoDNet.from_operator(op, n_layers=n_layers, lam=0.3, alpha=0.0, momentum=True)
+    reference = fista(op, y, 0.3, max_iter=n_layers, tol=0, restart=False).x
+    assert torch.allclose(net.recover(y), reference, rtol=0, atol=1e-9 * float(reference.abs().max()))
+    if n_layers > 2:  # momentum changes the answer: it is not plain ISTA
+        plain = SPoDNet.from_operator(op, n_layers=n_layers, lam=0.3, alpha=0.0).recover(y)
+        assert not torch.allclose(plain, reference, atol=1e-6)
+
+
+def test_momentum_survives_a_checkpoint(tmp_path):
+    from napari_spodnet.core.checkpoint import load_checkpoint, save_checkpoint
+    from napari_spodnet.core.network import fista_momentum
+
+    net = SPoDNet(np.ones((5, 5)), 18, n_layers=3, momentum=True)
+    assert [float(layer.mu) for layer in net.layers] == pytest.approx([fista_momentum(m) for m in range(3)])
+    with torch.no_grad():
+        net.layers[2].mu.fill_(0.7)
+    loaded = load_checkpoint(save_checkpoint(net, tmp_path / "m.safetensors"))
+    assert loaded.momentum and float(loaded.layers[2].mu) == pytest.approx(0.7)
+    y = torch.rand(18, 12, 12)
+    assert torch.equal(loaded.recover(y), net.recover(y))

@@ -125,8 +125,10 @@ class UnrolledISTA(nn.Module):
     architecture = "unrolled"
 
     def __init__(self, psf, n_channels: int = 18, n_layers: int = 10, lam: float = 0.05, alpha: float = 0.1,
-                 threshold: str = "lst", lipschitz: float | None = None, dtype=torch.float32):
+                 threshold: str = "lst", lipschitz: float | None = None, dtype=torch.float32,
+                 momentum: bool = False):
         super().__init__()
+        self.momentum = bool(momentum)
         if threshold not in THRESHOLDS:
             raise SPoDInputError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
         if n_layers < 0:
@@ -161,8 +163,11 @@ class UnrolledISTA(nn.Module):
         raise NotImplementedError
 
     def add_layer(self) -> _Layer:
-        """Append a layer initialised as one ISTA step; returns it."""
-        layer = self._new_layer().to(device=self.psf.device, dtype=self.psf.dtype)
+        """Append a layer initialised as one ISTA step (or FISTA step, with momentum); returns it."""
+        layer = self._new_layer()
+        if self.momentum:
+            layer.mu = nn.Parameter(torch.tensor(fista_momentum(len(self.layers)), dtype=torch.float64))
+        layer = layer.to(device=self.psf.device, dtype=self.psf.dtype)
         self.layers.append(layer)
         return layer
 
@@ -194,14 +199,17 @@ class UnrolledISTA(nn.Module):
         image_hw = (y.shape[-2] + a - 1, y.shape[-1] + b - 1)
         if size_ratio is None:
             size_ratio = (y.shape[-2] * y.shape[-1]) / (image_hw[0] * image_hw[1])  # A / B
-        x = None
+        x = x_prev = z = None
         for m in range(n_layers):
             layer = self.layers[m]
             fwd, adj = self._ops(m, image_hw)
             eta = layer.eta * self.eta_scale
             theta = layer.theta * self.theta_scale * size_ratio
-            z = -eta * adj(-y) if x is None else x - eta * adj(fwd(x) - y)
-            x = leaky_soft_threshold(z, theta, self.alpha)
+            v = -eta * adj(-y) if z is None else z - eta * adj(fwd(z) - y)
+            x = leaky_soft_threshold(v, theta, self.alpha)
+            # Learned FISTA momentum: the next layer starts from an extrapolated point.
+            z = x if not self.momentum or x_prev is None else x + layer.mu * (x - x_prev)
+            x_prev = x
         return torch.clamp(x, min=0) if post_threshold else x
 
     @torch.no_grad()
@@ -213,7 +221,8 @@ class UnrolledISTA(nn.Module):
         """Constructor arguments (without the PSF tensor), stored in checkpoints."""
         return {"architecture": self.architecture, "n_channels": self.n_channels, "n_layers": self.n_layers,
                 "lam": self.lam, "alpha": self.alpha, "threshold": self.threshold,
-                "lipschitz": float(1.0 / self.eta_scale.item()), "psf_shape": list(self.psf_shape)}
+                "lipschitz": float(1.0 / self.eta_scale.item()), "psf_shape": list(self.psf_shape),
+                "momentum": self.momentum}
 
     def truncated(self, n_layers: int) -> "UnrolledISTA":
         """A copy with only the first ``n_layers`` layers."""
@@ -238,24 +247,26 @@ class SPoDNet(UnrolledISTA):
 
     def __init__(self, psf, n_channels: int = 18, n_layers: int = 10, lam: float = 0.05, alpha: float = 0.1,
                  threshold: str = "lst", orientation: str = "harmonic", n_harmonics: int = 1,
-                 lipschitz: float | None = None, dtype=torch.float32):
+                 lipschitz: float | None = None, dtype=torch.float32, momentum: bool = False):
         if orientation not in ORIENTATIONS:
             raise SPoDInputError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
         if orientation == "harmonic" and not 0 <= n_harmonics <= (n_channels - 1) // 2:
             raise SPoDInputError(f"n_harmonics must be in 0..{(n_channels - 1) // 2}, got {n_harmonics}")
         self.orientation = orientation
         self.n_harmonics = int(n_harmonics)
-        super().__init__(psf, n_channels, n_layers, lam, alpha, threshold, lipschitz, dtype)
+        super().__init__(psf, n_channels, n_layers, lam, alpha, threshold, lipschitz, dtype, momentum)
 
     def _new_layer(self):
         return SPoDLayer(self.psf, self.n_channels, self.orientation, self.n_harmonics)
 
     @classmethod
     def from_operator(cls, op: SPoDOperator, n_layers: int = 10, lam: float = 0.05, alpha: float = 0.1,
-                      threshold: str = "lst", orientation: str = "harmonic", n_harmonics: int = 1) -> "SPoDNet":
-        """Untrained network = ``n_layers`` ISTA iterations with ista's default step (exact for alpha = 0)."""
+                      threshold: str = "lst", orientation: str = "harmonic", n_harmonics: int = 1,
+                      momentum: bool = False) -> "SPoDNet":
+        """Untrained network = ``n_layers`` ISTA iterations with ista's default step (exact for alpha = 0);
+        with ``momentum``, ``n_layers`` FISTA iterations without restart."""
         net = cls(op.psf.detach().cpu().numpy(), op.n_channels, n_layers, lam, alpha, threshold, orientation,
-                  n_harmonics, lipschitz=op.lipschitz_bound(), dtype=op.dtype)
+                  n_harmonics, lipschitz=op.lipschitz_bound(), dtype=op.dtype, momentum=momentum)
         return net.to(device=op.device, dtype=op.dtype)
 
     def config(self) -> dict:
@@ -274,13 +285,23 @@ class LISTANet(UnrolledISTA):
 
     @classmethod
     def from_operator(cls, op: SPoDOperator, n_layers: int = 10, lam: float = 0.05, alpha: float = 0.1,
-                      threshold: str = "lst") -> "LISTANet":
+                      threshold: str = "lst", momentum: bool = False) -> "LISTANet":
         net = cls(op.psf.detach().cpu().numpy(), op.n_channels, n_layers, lam, alpha, threshold,
-                  lipschitz=op.lipschitz_bound(), dtype=op.dtype)
+                  lipschitz=op.lipschitz_bound(), dtype=op.dtype, momentum=momentum)
         return net.to(device=op.device, dtype=op.dtype)
 
 
 ARCHITECTURES = {"spodnet": SPoDNet, "listanet": LISTANet}
+
+
+def fista_momentum(m: int) -> float:
+    """FISTA's extrapolation weight ``(t_m - 1) / t_{m+1}`` after iteration m + 1 (0-based m)."""
+    t = 1.0
+    beta = 0.0
+    for _ in range(m + 1):
+        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        beta, t = (t - 1) / t_next, t_next
+    return beta
 
 
 def build_network(config: dict, psf) -> UnrolledISTA:

@@ -48,6 +48,7 @@ class TrainingConfig:
     threshold: str = "lst"
     orientation: str = "harmonic"        # SPoD-Net orientation filter: "harmonic" or "full" (paper)
     n_harmonics: int = 1
+    momentum: bool = False               # learned FISTA momentum between layers (not in the paper)
     lr: float = 1e-4
     epochs: int = 500                    # per step; an epoch is n_crops / batch_size Adam steps
     batch_size: int = 20
@@ -201,7 +202,7 @@ class Trainer:
     def _new_network(self) -> UnrolledISTA:
         cfg = self.config
         common = dict(n_layers=0, lam=cfg.lam, alpha=cfg.alpha, threshold=cfg.threshold,
-                      lipschitz=self.op.lipschitz_bound())
+                      lipschitz=self.op.lipschitz_bound(), momentum=cfg.momentum)
         if cfg.architecture == "spodnet":
             net = SPoDNet(self.psf, self.n_channels, orientation=cfg.orientation, n_harmonics=cfg.n_harmonics,
                           **common)
