@@ -1103,3 +1103,32 @@ class ProgressRow(QWidget):
 
     def text(self) -> str:
         return self.label.text()
+
+
+class JobWidget(QWidget):
+    """A dock widget that runs one background :class:`Job` at a time: one button starts it
+    and, while it runs, cancels it; closing the widget cancels it too."""
+
+    _job: "Job | None" = None
+
+    def is_running(self) -> bool:
+        return self._job is not None and self._job.running
+
+    def toggle(self) -> None:
+        if self.is_running():
+            self.cancel()
+        else:
+            self.start()
+
+    def start(self):  # pragma: no cover - each widget defines it
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        if self.is_running():
+            self._job.cancel()
+            self.progress.set_text("Cancelling…")
+
+    def closeEvent(self, event):  # noqa: N802 (Qt)
+        if self.is_running():
+            self._job.cancel()
+        super().closeEvent(event)

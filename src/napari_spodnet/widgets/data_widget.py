@@ -23,13 +23,13 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QVBoxLayout,
-    QWidget,
 )
 
 from ..core.preprocess import NormalizationSettings, fit_normalization, preprocess
 from ..core.validation import SPoDInputError, check_psf
 from ..io import average_psfs, find_polarization_axis
 from ._shared import (
+    JobWidget,
     METADATA_KEY,
     Job,
     LayerListPicker,
@@ -67,7 +67,7 @@ def _preprocess_work(control, data, median: int, minimum: int, mode: str):
     return out
 
 
-class SpodDataWidget(QWidget):
+class SpodDataWidget(JobWidget):
     """Choose the observation and PSF layers, check them, preprocess, average PSFs."""
 
     def __init__(self, napari_viewer, parent=None):
@@ -299,13 +299,6 @@ class SpodDataWidget(QWidget):
         notify_info(f"Averaged {len(layers)} PSFs into '{new.name}' ({psf.shape[0]} x {psf.shape[1]}).")
         return new
 
-    def is_running(self) -> bool:
-        return self._job is not None and self._job.running
-
-    def closeEvent(self, event):  # noqa: N802 (Qt)
-        if self._job is not None and self._job.running:
-            self._job.cancel()
-        super().closeEvent(event)
 
 
 __all__ = ["SpodDataWidget", "METADATA_KEY"]

@@ -19,11 +19,11 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QVBoxLayout,
-    QWidget,
 )
 
 from ..core.recover import RecoveryResult, recover
 from ._shared import (
+    JobWidget,
     CurvePlot,
     DevicePicker,
     Job,
@@ -75,7 +75,7 @@ def _compare_work(control, frame, psf, lam, iterations, tol, restart, device, n_
     return out
 
 
-class FistaWidget(QWidget):
+class FistaWidget(JobWidget):
     """Run FISTA with a live objective curve and compare it with SPoD-Net side by side."""
 
     def __init__(self, napari_viewer, parent=None):
@@ -143,20 +143,6 @@ class FistaWidget(QWidget):
         self.leave_grid_button.clicked.connect(self.leave_grid)
 
     # ------------------------------------------------------------------ run
-    def is_running(self) -> bool:
-        return self._job is not None and self._job.running
-
-    def toggle(self) -> None:
-        if self.is_running():
-            self.cancel()
-        else:
-            self.start()
-
-    def cancel(self) -> None:
-        if self.is_running():
-            self._job.cancel()
-            self.progress.set_text("Cancelling…")
-
     def start(self) -> Job | None:
         if self.is_running():
             return None
@@ -328,7 +314,3 @@ class FistaWidget(QWidget):
         if self.progress.bar.maximum() == 0:
             self.progress.set_fraction(0)
 
-    def closeEvent(self, event):  # noqa: N802 (Qt)
-        if self.is_running():
-            self._job.cancel()
-        super().closeEvent(event)

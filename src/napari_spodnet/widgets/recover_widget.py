@@ -11,10 +11,11 @@ the summed intensity and an orientation-coloured composite.
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QLabel, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QLabel, QPushButton, QVBoxLayout
 
 from ..core.recover import RecoveryCancelled, RecoveryProgress, orientation_composite, recover
 from ._shared import (
+    JobWidget,
     DevicePicker,
     Job,
     LayerPicker,
@@ -95,7 +96,7 @@ def add_result_layers(viewer, result, composite, source_layer, info: dict, frame
     return {"recovered": stack, "intensity": intensity, "orientation": orientation}
 
 
-class RecoverWidget(QWidget):
+class RecoverWidget(JobWidget):
     """Recover an observation (or time series) with a SPoD-Net."""
 
     def __init__(self, napari_viewer, parent=None):
@@ -148,20 +149,6 @@ class RecoverWidget(QWidget):
     def _update_frames_option(self, *_):
         layer = self.observation_picker.layer()
         self.all_frames_check.setEnabled(layer is not None and layer.ndim == 4)
-
-    def is_running(self) -> bool:
-        return self._job is not None and self._job.running
-
-    def toggle(self) -> None:
-        if self.is_running():
-            self.cancel()
-        else:
-            self.start()
-
-    def cancel(self) -> None:
-        if self.is_running():
-            self._job.cancel()
-            self.progress.set_text("Cancelling…")
 
     def start(self) -> Job | None:
         if self.is_running():
@@ -230,7 +217,3 @@ class RecoverWidget(QWidget):
     def _on_finished(self) -> None:
         self.run_button.setText("Recover")
 
-    def closeEvent(self, event):  # noqa: N802 (Qt)
-        if self.is_running():
-            self._job.cancel()
-        super().closeEvent(event)

@@ -23,13 +23,13 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QVBoxLayout,
-    QWidget,
 )
 
 from ..core.checkpoint import save_checkpoint
 from ..core.training import PRESETS, Trainer, TrainingConfig, TrainingError, TrainingProgress
 from ..core.validation import SPoDInputError
 from ._shared import (
+    JobWidget,
     CurvePlot,
     DevicePicker,
     Job,
@@ -61,7 +61,7 @@ def _train_work(control, observations, psf, config: TrainingConfig, device: str,
     return {"net": net, "cancelled": trainer.cancelled, "history": list(trainer.history)}
 
 
-class TrainWidget(QWidget):
+class TrainWidget(JobWidget):
     """Train a SPoD-Net on one or more observation layers; live loss curves; Stop keeps the best model."""
 
     def __init__(self, napari_viewer, parent=None):
@@ -180,16 +180,8 @@ class TrainWidget(QWidget):
         return replace(cfg, n_val_crops=max(1, min(cfg.n_val_crops, cfg.n_crops)))
 
     # ------------------------------------------------------------------ run
-    def is_running(self) -> bool:
-        return self._job is not None and self._job.running
-
-    def toggle(self) -> None:
-        if self.is_running():
-            self.stop()
-        else:
-            self.start()
-
-    def stop(self) -> None:
+    def cancel(self) -> None:
+        """Stop training after the current step; the best model so far is kept."""
         if self.is_running():
             self._job.cancel()
             self.start_button.setEnabled(False)
@@ -303,7 +295,3 @@ class TrainWidget(QWidget):
         self.settings.checkpoint_path = str(written)
         return written
 
-    def closeEvent(self, event):  # noqa: N802 (Qt)
-        if self.is_running():
-            self._job.cancel()
-        super().closeEvent(event)
