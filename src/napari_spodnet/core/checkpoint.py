@@ -35,8 +35,8 @@ def save_checkpoint(net: UnrolledISTA, path, extra_metadata: dict | None = None)
     meta = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "config": json.dumps(net.config()),
-        "metadata": json.dumps({**net.metadata, **(extra_metadata or {})}, default=str),
+        "config": json.dumps(net.config(), separators=(",", ":")),
+        "metadata": json.dumps({**net.metadata, **(extra_metadata or {})}, default=str, separators=(",", ":")),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
