@@ -55,9 +55,8 @@ def main(argv=None) -> None:
             break
         if p.epoch == p.epochs:
             print(f"{p.message}: train {p.train_loss:.6g} val {p.val_loss:.6g} ({p.elapsed:.0f} s)", flush=True)
-    net.metadata.update(name="default", description="SPoD-Net (10 layers, harmonic orientation filter, learned "
-                        "FISTA momentum) trained "
-                        "on synthetic filaments and puncta with the default Airy PSF (NA 1.2, 520 nm, 65 nm px)",
+    net.metadata.update(name="default", description="10-layer SPoD-Net (harmonic h, learned FISTA momentum), "
+                        "synthetic filaments and puncta, default Airy PSF (NA 1.2, 520 nm, 65 nm pixels)",
                         script="scripts/train_default_model.py", training_observations=args.observations,
                         training_size=args.size)
     path = save_checkpoint(net.cpu(), args.out)

@@ -107,8 +107,10 @@ def test_metadata_records_normalization_and_training(trained):
     assert meta["normalization"] == NormalizationSettings().to_dict()
     assert meta["preprocess"] is None
     t = meta["training"]
+    # The record keeps what differs from the defaults; together they give the whole configuration.
     expected_cfg = asdict(TrainingConfig.preset("quick", lam=DEFAULT_LAMBDA, **TINY))
-    assert t["config"] == expected_cfg
+    assert {**asdict(TrainingConfig()), **t["config"]} == expected_cfg
+    assert "loss" not in t["config"]  # a default, not repeated
     assert t["config"]["preset_name"] == "quick" and t["config"]["n_layers"] == 2
     assert t["cancelled"] is False
     assert t["layers_trained"] == 2

@@ -143,8 +143,10 @@ class UnrolledISTA(nn.Module):
         self.threshold = threshold
         if lipschitz is None:
             lipschitz = (self.n_channels / 2) ** 2 * float(psf_t.abs().sum()) ** 2
-        self.register_buffer("eta_scale", torch.tensor(1.0 / float(lipschitz), dtype=dtype))
-        self.register_buffer("theta_scale", torch.tensor(self.lam / float(lipschitz), dtype=dtype))
+        # Rebuilt from lam and the Lipschitz constant in the config, so not stored as tensors.
+        self.register_buffer("eta_scale", torch.tensor(1.0 / float(lipschitz), dtype=dtype), persistent=False)
+        self.register_buffer("theta_scale", torch.tensor(self.lam / float(lipschitz), dtype=dtype),
+                             persistent=False)
         self.layers = nn.ModuleList()
         self._cache: dict = {}
         self.metadata: dict = {}

@@ -304,7 +304,9 @@ class Trainer:
         net = self.best_state[1] if cancelled else self.net
         net = net.eval()
         last = self.history[-1] if self.history else None
-        cfg = asdict(self.config)
+        # Only what differs from the defaults (the paper's schedule): checkpoints stay small.
+        defaults = asdict(TrainingConfig())
+        cfg = {k: v for k, v in asdict(self.config).items() if v != defaults[k]}
         net.metadata = {
             "normalization": self.config.normalization,
             "preprocess": {"median": 5, "minimum": 7, "mode": self.config.preprocess_mode}
