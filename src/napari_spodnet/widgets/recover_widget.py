@@ -192,7 +192,7 @@ class RecoverWidget(JobWidget):
                     f" ({result.info.get('tiles')} tile(s)); {obj_text}.")
             self.result_label.setText(text)
             self.progress.set_fraction(1)
-            self.progress.set_text(text)
+            self.progress.set_text("Done.")
 
         self._job = Job(self, title="Recovery", on_progress=self._on_progress, on_result=on_result,
                         on_cancelled=self._on_cancelled, on_error=self._on_error, on_finished=self._on_finished)
