@@ -399,7 +399,7 @@ def test_fista_cancel_within_a_second(make_napari_viewer, qtbot, sim, notificati
     _wait_done(qtbot, w)
     assert time.perf_counter() - t0 < 2.0
     assert len(viewer.layers) == n and not grid_model(viewer).enabled
-    assert w.progress.text() == "Cancelled."
+    assert w.progress.text() == "FISTA comparison cancelled."
     assert not _errors(notifications)
 
 

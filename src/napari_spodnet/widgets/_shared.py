@@ -1109,7 +1109,24 @@ class JobWidget(QWidget):
     """A dock widget that runs one background :class:`Job` at a time: one button starts it
     and, while it runs, cancels it; closing the widget cancels it too."""
 
-    _job: "Job | None" = None
+    #: Names the job in status lines and notifications ("Recovery failed: ...").
+    job_title = "Job"
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.settings = get_settings()
+        self.binder = SettingsBinder(self.settings)
+        self._job: Job | None = None
+
+    def _on_cancelled(self) -> None:
+        self.progress.set_fraction(0)
+        self.progress.set_text(f"{self.job_title} cancelled.")
+
+    def _on_error(self, exc) -> None:
+        self.progress.set_fraction(0)
+        self.progress.set_text(f"{self.job_title} failed: {error_message(exc)}")
+        notify_error(f"{self.job_title} failed: {error_message(exc)}")
 
     def is_running(self) -> bool:
         return self._job is not None and self._job.running

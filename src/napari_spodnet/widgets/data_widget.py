@@ -35,10 +35,8 @@ from ._shared import (
     LayerListPicker,
     LayerPicker,
     ProgressRow,
-    SettingsBinder,
     add_or_update_image,
     error_message,
-    get_settings,
     is_observation_candidate,
     is_psf_candidate,
     make_spin,
@@ -70,12 +68,10 @@ def _preprocess_work(control, data, median: int, minimum: int, mode: str):
 class SpodDataWidget(JobWidget):
     """Choose the observation and PSF layers, check them, preprocess, average PSFs."""
 
+    job_title = "Preprocessing"
+
     def __init__(self, napari_viewer, parent=None):
-        super().__init__(parent)
-        self.viewer = napari_viewer
-        self.settings = get_settings()
-        self.binder = SettingsBinder(self.settings)
-        self._job: Job | None = None
+        super().__init__(napari_viewer, parent)
 
         # --- observation
         self.observation_picker = LayerPicker(napari_viewer, is_observation_candidate, shared_key="observation_layer",

@@ -30,12 +30,10 @@ from ._shared import (
     LayerPicker,
     ModelSourcePicker,
     ProgressRow,
-    SettingsBinder,
     add_or_update_image,
     current_frame,
     display_range,
     error_message,
-    get_settings,
     grid_cell,
     grid_model,
     is_observation_candidate,
@@ -78,12 +76,10 @@ def _compare_work(control, frame, psf, lam, iterations, tol, restart, device, n_
 class FistaWidget(JobWidget):
     """Run FISTA with a live objective curve and compare it with SPoD-Net side by side."""
 
+    job_title = "FISTA comparison"
+
     def __init__(self, napari_viewer, parent=None):
-        super().__init__(parent)
-        self.viewer = napari_viewer
-        self.settings = get_settings()
-        self.binder = SettingsBinder(self.settings)
-        self._job: Job | None = None
+        super().__init__(napari_viewer, parent)
         self._hidden_by_us: list = []
         self.results: dict = {}
         self.comparison_layers: dict = {}
@@ -299,15 +295,6 @@ class FistaWidget(JobWidget):
         except Exception:
             pass
         self.leave_grid_button.setEnabled(False)
-
-    def _on_cancelled(self) -> None:
-        self.progress.set_fraction(0)
-        self.progress.set_text("Cancelled.")
-
-    def _on_error(self, exc) -> None:
-        self.progress.set_fraction(0)
-        self.progress.set_text(f"Failed: {error_message(exc)}")
-        notify_error(f"FISTA comparison failed: {error_message(exc)}")
 
     def _on_finished(self) -> None:
         self.run_button.setText("Run FISTA")

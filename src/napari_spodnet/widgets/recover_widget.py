@@ -21,11 +21,9 @@ from ._shared import (
     LayerPicker,
     ModelSourcePicker,
     ProgressRow,
-    SettingsBinder,
     add_or_update_image,
     current_frame,
     error_message,
-    get_settings,
     is_observation_candidate,
     is_psf_candidate,
     make_spin,
@@ -99,12 +97,10 @@ def add_result_layers(viewer, result, composite, source_layer, info: dict, frame
 class RecoverWidget(JobWidget):
     """Recover an observation (or time series) with a SPoD-Net."""
 
+    job_title = "Recovery"
+
     def __init__(self, napari_viewer, parent=None):
-        super().__init__(parent)
-        self.viewer = napari_viewer
-        self.settings = get_settings()
-        self.binder = SettingsBinder(self.settings)
-        self._job: Job | None = None
+        super().__init__(napari_viewer, parent)
         self.last_result = None
         self.result_layers: dict = {}
 
@@ -204,15 +200,6 @@ class RecoverWidget(JobWidget):
         if isinstance(update, RecoveryProgress):
             self.progress.set_fraction(update.fraction)
             self.progress.set_text(f"{update.message} ({update.done}/{update.total})")
-
-    def _on_cancelled(self) -> None:
-        self.progress.set_fraction(0)
-        self.progress.set_text("Recovery cancelled.")
-
-    def _on_error(self, exc) -> None:
-        self.progress.set_fraction(0)
-        self.progress.set_text(f"Recovery failed: {error_message(exc)}")
-        notify_error(f"Recovery failed: {error_message(exc)}")
 
     def _on_finished(self) -> None:
         self.run_button.setText("Recover")

@@ -36,10 +36,8 @@ from ._shared import (
     LayerListPicker,
     LayerPicker,
     ProgressRow,
-    SettingsBinder,
     error_message,
     get_model_registry,
-    get_settings,
     is_observation_candidate,
     is_psf_candidate,
     make_spin,
@@ -64,15 +62,13 @@ def _train_work(control, observations, psf, config: TrainingConfig, device: str,
 class TrainWidget(JobWidget):
     """Train a SPoD-Net on one or more observation layers; live loss curves; Stop keeps the best model."""
 
+    job_title = "Training"
+
     def __init__(self, napari_viewer, parent=None):
-        super().__init__(parent)
-        self.viewer = napari_viewer
-        self.settings = get_settings()
-        self.binder = SettingsBinder(self.settings)
+        super().__init__(napari_viewer, parent)
         self.registry = get_model_registry()
         self.model = None
         self.model_name: str | None = None
-        self._job: Job | None = None
         self._applying_preset = False
         self._epoch_count = 0
 
