@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--psf", default=None, help="PSF TIFF (default: the model's PSF)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--tile", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=4, help="frames per batch for time series")
+    p.add_argument("--batch-size", type=int, default=None, help="frames per batch (default: 1 on CPU, 8 on GPU)")
     common(p)
     p.set_defaults(func=cmd_recover)
     return parser

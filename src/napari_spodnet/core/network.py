@@ -40,8 +40,8 @@ def leaky_soft_threshold(z: torch.Tensor, theta: torch.Tensor, alpha: float) -> 
     """LST (paper eq. 11): ``z - theta`` above theta, ``alpha (z - theta)`` below. alpha = 0 gives NST."""
     shifted = z - theta
     if alpha == 0:
-        return torch.clamp(shifted, min=0)
-    return torch.where(shifted >= 0, shifted, alpha * shifted)
+        return torch.relu(shifted)
+    return torch.nn.functional.leaky_relu(shifted, alpha)  # one fused pass, unlike torch.where
 
 
 class _Layer(nn.Module):
@@ -201,6 +201,8 @@ class UnrolledISTA(nn.Module):
         image_hw = (y.shape[-2] + a - 1, y.shape[-1] + b - 1)
         if size_ratio is None:
             size_ratio = (y.shape[-2] * y.shape[-1]) / (image_hw[0] * image_hw[1])  # A / B
+        if not torch.is_grad_enabled():
+            return self._forward_inplace(y, n_layers, image_hw, size_ratio, post_threshold)
         x = x_prev = z = None
         for m in range(n_layers):
             layer = self.layers[m]
@@ -213,6 +215,28 @@ class UnrolledISTA(nn.Module):
             z = x if not self.momentum or x_prev is None else x + layer.mu * (x - x_prev)
             x_prev = x
         return torch.clamp(x, min=0) if post_threshold else x
+
+    def _forward_inplace(self, y, n_layers, image_hw, size_ratio, post_threshold):
+        """The same computation without autograd, in place: the elementwise passes over
+        full-size arrays are memory-bound and cost as much as the FFTs on a CPU."""
+        x = x_prev = z = None
+        for m in range(n_layers):
+            layer = self.layers[m]
+            fwd, adj = self._ops(m, image_hw)
+            eta = float(layer.eta * self.eta_scale)
+            theta = float(layer.theta * self.theta_scale * size_ratio)
+            if z is None:
+                v = adj(y).mul_(eta)
+            else:
+                v = adj(fwd(z).sub_(y)).mul_(-eta).add_(z)
+            v.sub_(theta)
+            x = torch.relu_(v) if self.alpha == 0 else torch.nn.functional.leaky_relu_(v, self.alpha)
+            if self.momentum and x_prev is not None:
+                z = torch.sub(x, x_prev).mul_(float(layer.mu)).add_(x)
+            else:
+                z = x
+            x_prev = x
+        return torch.clamp_(x, min=0) if post_threshold else x
 
     @torch.no_grad()
     def recover(self, y: torch.Tensor, size_ratio: float | None = None) -> torch.Tensor:

@@ -157,14 +157,15 @@ def _ownership(starts: list[int], tile: int, extra: int, full: int) -> list[tupl
 
 def recover(stack, psf=None, method: str = "spodnet", model=None, tile: int | None = None,
             overlap: int | None = None, device=None, normalize: bool = True, lam: float | None = None,
-            iterations: int = 1000, tol: float = 1e-6, restart: bool = True, batch_size: int = 4,
+            iterations: int = 1000, tol: float = 1e-6, restart: bool = True, batch_size: int | None = None,
             n_channels: int = DEFAULT_CHANNELS, preprocess_data: bool | None = None,
             compute_objective: bool = True, progress: ProgressCallback | None = None,
             out: np.ndarray | None = None) -> RecoveryResult:
     """Recover an observation or a time series.
 
     stack : (c, H, W) or (T, c, H, W), any real dtype (memory-mapped is fine: frames are read
-        in batches of ``batch_size``). psf : (a, b); optional with a model (its own PSF is used).
+        in batches of ``batch_size``: default 1 on a CPU, where larger batches only thrash the
+        cache, and 8 on a GPU). psf : (a, b); optional with a model (its own PSF is used).
     method : ``"spodnet"`` (one forward pass of ``model``; default: the shipped model) or
         ``"fista"`` (``iterations``, ``tol``, ``restart``).
     tile : observation tile size in pixels (None: whole frames); ``overlap``: margin discarded at
@@ -255,6 +256,8 @@ def recover(stack, psf=None, method: str = "spodnet", model=None, tile: int | No
     own_r = _ownership(starts_r, tile_h or H, a - 1, h)
     own_c = _ownership(starts_c, tile_w or W, b - 1, w)
     n_tiles = len(starts_r) * len(starts_c)
+    if batch_size is None:
+        batch_size = 1 if dev.type == "cpu" else 8
     batches = [list(range(i, min(i + batch_size, T))) for i in range(0, T, max(1, batch_size))]
     per_unit = iterations if method == "fista" else 1
     total = len(batches) * n_tiles * per_unit
