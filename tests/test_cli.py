@@ -56,6 +56,7 @@ def test_train_then_recover_with_own_model(data_dir, tmp_path):
     assert code == 0
     net = load_checkpoint(model)
     assert net.n_layers == 2 and net.metadata["name"] == "m"
+    assert net.momentum  # the product default; --no-momentum gives the paper's network
     out = tmp_path / "rec.tif"
     code = cli.main(["recover", str(data_dir / "observation.tif"), "--model", str(model), "-o", str(out), "--quiet"])
     assert code == 0

@@ -134,7 +134,8 @@ def cmd_train(args) -> int:
     overrides = {k: v for k, v in dict(lam=args.lam, n_layers=args.layers, epochs=args.epochs, lr=args.lr,
                                        crop_size=args.crop_size, n_crops=args.crops, batch_size=args.batch_size,
                                        alpha=args.alpha, seed=args.seed, orientation=args.orientation,
-                                       architecture=args.architecture, preprocess=args.preprocess or None).items()
+                                       architecture=args.architecture, preprocess=args.preprocess or None,
+                                       momentum=not args.no_momentum).items()
                  if v is not None}
     config = TrainingConfig.preset(args.preset, **overrides)
     trainer = Trainer(observations, psf, config, device=args.device, n_channels=args.n_channels)
@@ -331,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--orientation", choices=["harmonic", "full"], default=None)
     p.add_argument("--architecture", choices=["spodnet", "listanet"], default=None)
     p.add_argument("--preprocess", action="store_true", help="median 5 / minimum 7 background removal")
+    p.add_argument("--no-momentum", action="store_true",
+                   help="train the paper's network, without learned FISTA momentum between layers")
     common(p)
     p.set_defaults(func=cmd_train)
 

@@ -80,6 +80,7 @@ class SpodnetSettings:
     preset: str = "quick"
     n_layers: int = 10
     alpha: float = 0.1
+    momentum: bool = True              # learned FISTA momentum (the shipped model has it)
     lr: float = PRESETS["quick"]["lr"]
     epochs: int = PRESETS["quick"]["epochs"]
     batch_size: int = PRESETS["quick"]["batch_size"]

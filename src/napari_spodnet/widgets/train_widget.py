@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -85,6 +86,9 @@ class TrainWidget(JobWidget):
         self.n_layers_spin = self.binder.bind("n_layers", make_spin(1, 50, s.n_layers, tooltip="Network layers M."))
         self.alpha_spin = self.binder.bind("alpha", make_spin(0.0, 1.0, s.alpha, decimals=3, step=0.01,
                                                               tooltip="Leak of the leaky soft threshold (LST)."))
+        self.momentum_check = self.binder.bind("momentum", QCheckBox("learned FISTA momentum"))
+        self.momentum_check.setToolTip("Each layer starts from an extrapolated point, as in FISTA "
+                                       "(not in the paper; the shipped model uses it).")
         self.lam_spin = self.binder.bind("lam", make_spin(0.0, 100.0, s.lam, decimals=6, step=0.01,
                                                           tooltip="λ of the objective (on normalised intensities)."))
         self.lr_spin = self.binder.bind("lr", make_spin(1e-7, 1.0, s.lr, decimals=6, step=1e-4,
@@ -114,6 +118,7 @@ class TrainWidget(JobWidget):
         form.addRow("preset", self.preset_combo)
         form.addRow("layers", self.n_layers_spin)
         form.addRow("α (LST leak)", self.alpha_spin)
+        form.addRow("", self.momentum_check)
         form.addRow("λ", self.lam_spin)
         form.addRow("learning rate", self.lr_spin)
         form.addRow("epochs per step", self.epochs_spin)
@@ -169,7 +174,7 @@ class TrainWidget(JobWidget):
         base = s.preset if s.preset in PRESETS else "quick"
         overrides = {k: getattr(s, k) for k in _PRESET_FIELDS}
         cfg = TrainingConfig.preset(base, n_layers=int(s.n_layers), alpha=float(s.alpha), lam=float(s.lam),
-                                    **overrides)
+                                    momentum=bool(s.momentum), **overrides)
         if s.preset not in PRESETS:
             cfg = replace(cfg, preset_name="custom")
         # validation crops never exceed the training crops (small data sets, quick tries)
