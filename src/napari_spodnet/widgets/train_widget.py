@@ -251,7 +251,7 @@ class TrainWidget(JobWidget):
                 + f". Offered in the Recover widget as '{self.model_name}'.")
         self.model_label.setText(text)
         self.progress.set_fraction(1.0)
-        self.progress.set_text(text)
+        self.progress.set_text("Stopped early." if cancelled else "Done.")
         self.plot.flush()
         notify_info(text)
 
