@@ -318,15 +318,12 @@ def train_run(ctx: Ctx, name: str, observations, psf, cfg: TrainingConfig, valid
             f"{'absolute' if absolute else 'relative'} step/threshold{', relaxed loss' if relaxed else ''})")
     trainer = VariantTrainer(observations, psf, copy.deepcopy(cfg), device=ctx.device,
                              validation_observations=validation, absolute=absolute, relaxed=relaxed)
-    gen = trainer.run_iter()
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as stop:
-            net = stop.value
-            break
+
+    def report(p) -> None:
         if p.epoch == p.epochs:
             ctx.log(f"  {name}: {p.message}: train {p.train_loss:.5g} val {p.val_loss:.5g} ({p.elapsed:.0f} s)")
+
+    net = trainer.run(report)
     hist = [h.to_dict() for h in trainer.history if h.stage != "done"]
     seconds = hist[-1]["elapsed"]
     ctx.cache.mkdir(parents=True, exist_ok=True)

@@ -46,15 +46,12 @@ def main(argv=None) -> None:
                     for i in range(args.observations)]
     config = TrainingConfig.preset("quick", **DEFAULT_MODEL_SETTINGS)
     trainer = Trainer(observations, psf, config, device=args.device)
-    gen = trainer.run_iter()
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as stop:
-            net = stop.value
-            break
+
+    def report(p) -> None:
         if p.epoch == p.epochs:
             print(f"{p.message}: train {p.train_loss:.6g} val {p.val_loss:.6g} ({p.elapsed:.0f} s)", flush=True)
+
+    net = trainer.run(report)
     net.metadata.update(name="default", description="10-layer SPoD-Net (harmonic h, learned FISTA momentum), "
                         "synthetic filaments and puncta, default Airy PSF (NA 1.2, 520 nm, 65 nm pixels)",
                         script="scripts/train_default_model.py", training_observations=args.observations,

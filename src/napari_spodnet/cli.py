@@ -140,13 +140,8 @@ def cmd_train(args) -> int:
     config = TrainingConfig.preset(args.preset, **overrides)
     trainer = Trainer(observations, psf, config, device=args.device, n_channels=args.n_channels)
     bar = _Progress("training", args.quiet)
-    gen = trainer.run_iter()
     try:
-        while True:
-            update = next(gen)
-            bar(update.fraction, f"{update.message} loss {update.train_loss:.4g}")
-    except StopIteration as stop:
-        net = stop.value
+        net = trainer.run(lambda update: bar(update.fraction, f"{update.message} loss {update.train_loss:.4g}"))
     except KeyboardInterrupt:
         net = trainer.finish_cancelled()
         print("\ninterrupted: saving the best model so far", file=sys.stderr)

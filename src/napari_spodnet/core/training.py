@@ -286,6 +286,18 @@ class Trainer:
                         p.mul_(cfg.gamma)
         return self._finish(start, cancelled=False)
 
+    def run(self, on_progress: Optional[Callable[[TrainingProgress], Optional[bool]]] = None) -> UnrolledISTA:
+        """Train to the end and return the network; ``on_progress(update)`` may return True to cancel
+        (the best model so far is returned)."""
+        gen = self.run_iter()
+        while True:
+            try:
+                update = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            if on_progress is not None and on_progress(update):
+                self.cancel()
+
     def _remember(self, net: UnrolledISTA, val_loss: float) -> None:
         # Only a network with all its layers trained at least once competes for "best".
         if self.best_state is None or val_loss <= self.best_state[0]:
@@ -344,11 +356,4 @@ def train_spodnet(observations, psf, lam: float = DEFAULT_LAMBDA, preset: str = 
     config = TrainingConfig.preset(preset, lam=lam, **overrides)
     trainer = Trainer(observations, psf, config, device=device, n_channels=n_channels,
                       validation_observations=validation_observations)
-    gen = trainer.run_iter()
-    while True:
-        try:
-            update = next(gen)
-        except StopIteration as stop:
-            return stop.value, trainer.history
-        if callback is not None and callback(update):
-            trainer.cancel()
+    return trainer.run(callback), trainer.history
