@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)
 
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -272,7 +271,7 @@ def test_damaged_header_gives_checkpoint_error(saved, tmp_path, change, error):
     except CheckpointError:
         return
     except Exception as exc:  # noqa: BLE001
-        pytest.fail(_HEADER_BUG.format(type(exc).__name__) + f" (expected {error}): {exc!r}")
+        pytest.fail(f"a damaged header raised {type(exc).__name__}, not CheckpointError (was {error}): {exc!r}")
     pytest.fail("a damaged header loaded")
 
 

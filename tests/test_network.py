@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)
 
 from napari_spodnet.core.network import (  # noqa: E402
     LISTANet,

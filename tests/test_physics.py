@@ -30,15 +30,6 @@ from napari_spodnet.core.validation import SPoDInputError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second intra-op thread only adds synchronisation, and on a busy
-    # 2-core machine a descheduled OpenMP worker can make each op 100x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def random_psf(rng, shape, normalize=True):
     psf = rng.random(shape) + 0.05

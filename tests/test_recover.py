@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)
 
 import tifffile  # noqa: E402
 

@@ -29,15 +29,6 @@ from napari_spodnet.core.solvers import DEFAULT_LAMBDA, SolverResult, fista, ist
 from napari_spodnet.core.validation import SPoDInputError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors, thousands of iterations: one intra-op thread is faster and immune
-    # to the 100x stalls a descheduled OpenMP worker causes on a busy 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @contextlib.contextmanager
 def single_blas_thread():

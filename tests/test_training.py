@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)
 
 from napari_spodnet.core.network import LISTANet, SPoDNet  # noqa: E402
 from napari_spodnet.core.physics import SPoDOperator  # noqa: E402

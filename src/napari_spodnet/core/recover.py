@@ -227,10 +227,11 @@ def recover(stack, psf=None, method: str = "spodnet", model=None, tile: int | No
     h, w = H + a - 1, W + b - 1
 
     # Normalise the whole series with one fit (on up to 8 frames) so that frames stay comparable.
+    # The prepared sample frames are kept for the loop below: validating and preprocessing
+    # a frame twice would double the cost of a single-frame recovery's input handling.
     sample_idx = np.unique(np.linspace(0, T - 1, min(T, 8)).astype(int))
-    sample = np.stack([_prepare(series[i], n_channels, (a, b), do_preprocess) for i in sample_idx])
-    norm = fit_normalization(sample, norm_settings)
-    del sample
+    prepared = {int(i): _prepare(series[i], n_channels, (a, b), do_preprocess) for i in sample_idx}
+    norm = fit_normalization(np.stack(list(prepared.values())), norm_settings)
 
     op = SPoDOperator(psf_arr, n_channels, device=dev, normalize_psf=False)
     size_ratio = (H * W) / (h * w)
@@ -271,7 +272,8 @@ def recover(stack, psf=None, method: str = "spodnet", model=None, tile: int | No
             raise RecoveryCancelled(f"Recovery cancelled ({message}).")
 
     for frames in batches:
-        y_np = np.stack([_prepare(series[i], n_channels, (a, b), do_preprocess) for i in frames])
+        y_np = np.stack([prepared.pop(i) if i in prepared else _prepare(series[i], n_channels, (a, b), do_preprocess)
+                         for i in frames])
         y = torch.as_tensor(norm.apply(y_np), dtype=torch.float32, device=dev)
         x_full = torch.empty((len(frames), c, h, w), dtype=torch.float32, device=dev) if n_tiles > 1 else None
         for (r0, (lo_r, hi_r)) in zip(starts_r, own_r):
@@ -292,7 +294,7 @@ def recover(stack, psf=None, method: str = "spodnet", model=None, tile: int | No
                 report(f"frames {frames[0] + 1}-{frames[-1] + 1} of {T}")
         if compute_objective:
             objectives[frames] = op.objective(y, x_full, lam).detach().cpu().numpy().reshape(-1)
-        out[frames] = norm.restore_image(x_full.detach().cpu().numpy()) if normalize else x_full.cpu().numpy()
+        out[frames] = norm.restore_image(x_full.detach().cpu().numpy())  # identity when not normalising
 
     image = out[0] if single else out
     intensity = image.sum(axis=-3)
