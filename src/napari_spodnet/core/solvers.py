@@ -35,6 +35,8 @@ class SolverResult:
     history : numpy array (iterations, *batch): objective after each iteration.
     iterations : iterations run. converged : tolerance met. cancelled : the callback asked to stop.
     seconds : wall time. step : step size used on the normalised objective (last one, with backtracking).
+    times : numpy array (iterations,): seconds from the start of the call to the end of each iteration,
+    so ``times[k - 1]`` is when FISTA had run ``k`` iterations (for equal-quality comparisons).
     """
 
     x: torch.Tensor
@@ -46,6 +48,7 @@ class SolverResult:
     step: float
     restarts: int = 0
     info: dict = field(default_factory=dict)
+    times: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def objective(self):
@@ -107,7 +110,7 @@ def _solve(op: SPoDOperator, y, lam: float, *, accelerate: bool, max_iter: int, 
     t = torch.ones(batch, dtype=op.dtype, device=op.device)
     # A rise of a few rounding errors is not a reason to restart.
     rise_tol = 10 * torch.finfo(op.dtype).eps
-    history, restarts = [], 0
+    history, times, restarts = [], [], 0
     converged = cancelled = False
     it = 0
     for it in range(1, max_iter + 1):
@@ -153,6 +156,7 @@ def _solve(op: SPoDOperator, y, lam: float, *, accelerate: bool, max_iter: int, 
 
         x, r, f_prev = x_new, r_new, f_new
         history.append(f_new.detach().cpu().numpy().copy())
+        times.append(time.perf_counter() - start)
         if not torch.isfinite(f_new).all():
             raise FloatingPointError("The objective became non-finite; the step size is too large.")
         if callback is not None and callback(it, f_new, x):
@@ -163,7 +167,8 @@ def _solve(op: SPoDOperator, y, lam: float, *, accelerate: bool, max_iter: int, 
             converged = True
             break
     return SolverResult(x=x, history=np.asarray(history), iterations=it, converged=converged,
-                        cancelled=cancelled, seconds=time.perf_counter() - start, step=s, restarts=restarts)
+                        cancelled=cancelled, seconds=time.perf_counter() - start, step=s, restarts=restarts,
+                        times=np.asarray(times))
 
 
 def fista(op: SPoDOperator, y, lam: float, max_iter: int = 2000, tol: float = 1e-6, *, x0=None,

@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+
+from napari_spodnet import SPoDOperator, fista, simulate
+from napari_spodnet.core.compare import compare_at_equal_objective, psnr
+
+
+def test_match_is_first_iteration_at_or_below_network():
+    history = np.array([10.0, 5.0, 3.0, 2.0, 1.5])
+    times = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    c = compare_at_equal_objective(3.0, 0.05, history, times)
+    assert c.fista_match_iteration == 3
+    assert c.fista_match_seconds == pytest.approx(0.3)
+    assert c.speedup == pytest.approx(6.0)
+    assert c.fista_final_objective == 1.5
+    assert c.final_objective_gap == pytest.approx(0.5)
+    assert "iteration 3" in c.summary() and "6.0x" in c.summary()
+
+
+def test_never_reached_claims_nothing():
+    c = compare_at_equal_objective(0.5, 0.05, [3.0, 2.0, 1.0], fista_seconds=0.3)
+    assert c.fista_match_iteration is None and c.speedup is None
+    assert "did not reach" in c.summary()
+    assert "faster" not in c.summary()
+
+
+def test_linear_time_fallback_and_errors():
+    c = compare_at_equal_objective(2.0, 0.1, [3.0, 2.0, 1.0, 0.5], fista_seconds=0.4)
+    assert c.fista_match_seconds == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        compare_at_equal_objective(1.0, 0.1, [])
+    with pytest.raises(ValueError):
+        compare_at_equal_objective(1.0, 0.1, [2.0])
+
+
+def test_solver_times_are_monotone_and_match_history():
+    sim = simulate((48, 48), seed=1)
+    op = SPoDOperator(sim.psf)
+    res = fista(op, sim.observation / sim.observation.max(), lam=0.05, max_iter=15, tol=0)
+    assert res.times.shape == res.history.shape == (15,)
+    assert np.all(np.diff(res.times) >= 0) and res.times[-1] <= res.seconds
+    c = compare_at_equal_objective(float(res.history[7]), 1e-3, res.history, res.times, res.seconds)
+    assert c.fista_match_iteration <= 8
+
+
+def test_psnr():
+    truth = np.ones((4, 4))
+    assert psnr(truth, truth) == float("inf")
+    assert psnr(truth * 0.9, truth) == pytest.approx(20.0)
