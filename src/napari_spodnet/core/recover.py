@@ -15,6 +15,9 @@ whole image's ``A / B`` and tiled results match untiled ones.
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -175,115 +178,309 @@ def recover(stack, psf=None, method: str = "spodnet", model=None, tile: int | No
     preprocess_data : median/minimum filtering (default: as the model was trained, off for FISTA).
     progress : ``progress(RecoveryProgress)``; return True to cancel (:class:`RecoveryCancelled`).
     out : optional preallocated (T, c, h, w) float32 array (e.g. a np.memmap) for long series.
+
+    The whole result is returned in memory; for series that do not fit, stream them to disk with
+    :func:`napari_spodnet.stream.recover_to_file` (the same :class:`FrameRecoverer` frame by frame).
     """
     start = time.perf_counter()
     if method not in ("spodnet", "fista"):
         raise SPoDInputError(f"method must be 'spodnet' or 'fista', got {method!r}")
-    dev = resolve_device(device)
-    net = None
-    norm_settings = NormalizationSettings(enabled=normalize)
-    do_preprocess = bool(preprocess_data)
-    info: dict = {"device": str(dev)}
-    if method == "spodnet":
-        net = resolve_model(model, dev)
-        if net.n_channels != n_channels:
-            raise SPoDInputError(f"The model expects {net.n_channels} polarization channels, not {n_channels}.")
-        model_psf = net.psf.detach().cpu().numpy()
-        if psf is None:
-            psf_arr = model_psf
-        else:
-            psf_arr = check_psf(psf, normalize=True)
-            if psf_arr.shape != model_psf.shape:
-                raise SPoDInputError(f"The model was trained with a {model_psf.shape} PSF, the given PSF is "
-                                     f"{psf_arr.shape}; train a model for this PSF (spodnet train).")
-            mismatch = float(np.abs(psf_arr - model_psf).sum() / np.abs(model_psf).sum())
-            info["psf_mismatch"] = mismatch
-            if mismatch > 0.05:
-                warnings.warn(f"The model was trained with a different PSF (L1 difference {mismatch:.0%}); "
-                              "results may be poor: train a model for this PSF.", PSFMismatchWarning,
-                              stacklevel=2)
-        lam = net.lam if lam is None else lam
-        if normalize:
-            norm_settings = NormalizationSettings.from_dict(net.metadata.get("normalization"))
-        if preprocess_data is None:
-            do_preprocess = bool(net.metadata.get("preprocess"))
-        info["model"] = net.metadata.get("name", "custom")
-    else:
-        if psf is None:
-            raise SPoDInputError("FISTA needs a PSF.")
-        psf_arr = check_psf(psf, normalize=True)
-        lam = DEFAULT_LAMBDA if lam is None else lam
-
+    engine = FrameRecoverer.create(psf, method=method, model=model, tile=tile, overlap=overlap, device=device,
+                                   normalize=normalize, lam=lam, iterations=iterations, tol=tol, restart=restart,
+                                   n_channels=n_channels, preprocess_data=preprocess_data,
+                                   compute_objective=compute_objective)
     if np.ndim(stack) not in (3, 4):
         raise SPoDInputError(f"An observation must be (c, H, W) or (T, c, H, W); got shape {np.shape(stack)}.")
     single = np.ndim(stack) == 3
     series = stack[None] if single else stack
     T, c, H, W = series.shape
-    if c != n_channels:
-        raise SPoDInputError(f"Expected {n_channels} polarization images, got {c} (shape {tuple(np.shape(stack))}).")
-    a, b = psf_arr.shape
-    if H < a or W < b:
-        raise SPoDInputError(f"The PSF ({a} x {b}) is larger than the image ({H} x {W}).")
-    h, w = H + a - 1, W + b - 1
+    engine.check_frame_shape((c, H, W))
+    c, h, w = engine.image_shape((H, W))
 
     # Normalise the whole series with one fit (on up to 8 frames) so that frames stay comparable.
     # The prepared sample frames are kept for the loop below: validating and preprocessing
     # a frame twice would double the cost of a single-frame recovery's input handling.
-    sample_idx = np.unique(np.linspace(0, T - 1, min(T, 8)).astype(int))
-    prepared = {int(i): _prepare(series[i], n_channels, (a, b), do_preprocess) for i in sample_idx}
-    norm = fit_normalization(np.stack(list(prepared.values())), norm_settings)
-
-    op = SPoDOperator(psf_arr, n_channels, device=dev, normalize_psf=False)
-    size_ratio = (H * W) / (h * w)
+    prepared = engine.fit(series)
     if out is None:
         out = np.empty((T, c, h, w), dtype=np.float32)
     elif tuple(out.shape) != (T, c, h, w):
         raise SPoDInputError(f"out has shape {tuple(out.shape)}, expected {(T, c, h, w)}")
 
-    tile_h = tile_w = None
-    if tile is not None:
-        if tile < max(a, b) + 1:
-            raise SPoDInputError(f"The tile size ({tile}) must exceed the PSF size ({a} x {b}).")
-        tile_h, tile_w = min(tile, H), min(tile, W)
-    # Measured (docs/benchmarks.md): with the PSF size plus 16 px, tiles of the shipped model
-    # match the whole-image recovery to ~2e-6 relative.
-    margin = max(a, b) + 16 if overlap is None else int(overlap)
-    if margin < max(a, b):
-        raise SPoDInputError(f"The tile overlap ({margin}) must be at least the PSF size ({max(a, b)}).")
-    if tile is not None and min(tile_h, tile_w) < min(H, W) and min(tile_h, tile_w) < 2 * margin + 16:
-        raise SPoDInputError(f"The tile size ({tile}) must be at least twice the overlap ({margin}) plus 16 pixels.")
-    starts_r = _tile_starts(H, tile_h or H, margin)
-    starts_c = _tile_starts(W, tile_w or W, margin)
-    own_r = _ownership(starts_r, tile_h or H, a - 1, h)
-    own_c = _ownership(starts_c, tile_w or W, b - 1, w)
-    n_tiles = len(starts_r) * len(starts_c)
     if batch_size is None:
-        batch_size = 1 if dev.type == "cpu" else 8
+        batch_size = engine.default_batch_size
     batches = [list(range(i, min(i + batch_size, T))) for i in range(0, T, max(1, batch_size))]
-    per_unit = iterations if method == "fista" else 1
-    total = len(batches) * n_tiles * per_unit
-    done = 0
+    total = len(batches) * engine.units_per_batch((H, W))
     objectives = np.full(T, np.nan)
     fista_iterations, fista_histories = [], []
-
-    def report(message: str, units: int | None = None, iteration=None, objective=None) -> None:
-        update = RecoveryProgress(done if units is None else units, total, message, iteration, objective)
-        if progress is not None and progress(update):
-            raise RecoveryCancelled(f"Recovery cancelled ({message}).")
-
+    done = 0
     for frames in batches:
-        y_np = np.stack([prepared.pop(i) if i in prepared else _prepare(series[i], n_channels, (a, b), do_preprocess)
-                         for i in frames])
-        y = torch.as_tensor(norm.apply(y_np), dtype=torch.float32, device=dev)
-        x_full = torch.empty((len(frames), c, h, w), dtype=torch.float32, device=dev) if n_tiles > 1 else None
-        for (r0, (lo_r, hi_r)) in zip(starts_r, own_r):
-            for (c0, (lo_c, hi_c)) in zip(starts_c, own_c):
-                y_tile = y[..., r0:r0 + (tile_h or H), c0:c0 + (tile_w or W)]
-                if method == "spodnet":
-                    x_tile = net.recover(y_tile, size_ratio=size_ratio)
+        y_np = np.stack([prepared.pop(i) if i in prepared else engine.prepare(series[i]) for i in frames])
+        batch = engine.recover_prepared(y_np, progress=progress, done=done, total=total,
+                                        label=f"frames {frames[0] + 1}-{frames[-1] + 1} of {T}")
+        done += engine.units_per_batch((H, W))
+        out[frames] = batch.image
+        objectives[frames] = batch.objective
+        fista_iterations += batch.fista_iterations
+        fista_histories += batch.fista_histories
+
+    image = out[0] if single else out
+    intensity = image.sum(axis=-3)
+    orientation = orientation_map(image)
+    info = dict(engine.info)
+    info.update(tiles=engine.n_tiles((H, W)), frames=T, fista_iterations=fista_iterations or None,
+                preprocess=engine.do_preprocess)
+    if fista_histories:
+        info["fista_history"] = fista_histories[0] if len(fista_histories) == 1 else fista_histories
+    return RecoveryResult(
+        image=image, intensity=intensity, orientation=orientation, seconds=time.perf_counter() - start,
+        objective=(float(objectives[0]) if single else objectives) if compute_objective else None,
+        method=method, lam=float(engine.lam), normalization=engine.normalization, translate=engine.translate,
+        info=info)
+
+
+@dataclass
+class BatchResult:
+    """One frame batch recovered by :meth:`FrameRecoverer.recover_prepared`.
+
+    image : (B, c, h, w) float32 in the data's units; objective : (B,) on normalised data
+    (NaN when not computed); FISTA iterations and histories per tile.
+    """
+
+    image: np.ndarray
+    objective: np.ndarray
+    fista_iterations: list = field(default_factory=list)
+    fista_histories: list = field(default_factory=list)
+
+
+class FrameRecoverer:
+    """The per-frame part of :func:`recover`: resolved model, PSF, lambda, normalisation and tiling.
+
+    Built once (:meth:`create`), fitted once per series (:meth:`fit`), then applied to frame
+    batches independently (:meth:`recover_frames`): :func:`recover`, the streamed writer, the
+    lazy napari series and the dask cluster all run frames through this one object, so their
+    results agree. It pickles (the network travels as its tensors) for dask workers;
+    :meth:`to` moves it to another device. :meth:`token` identifies everything that changes a
+    result (model weights, PSF, lambda, solver settings, normalisation).
+    """
+
+    def __init__(self, *, method, net, psf_arr, lam, iterations, tol, restart, n_channels, do_preprocess,
+                 norm_settings, tile, overlap, device, compute_objective, info):
+        self.method, self.net, self.psf = method, net, psf_arr
+        self.lam, self.iterations, self.tol, self.restart = float(lam), int(iterations), float(tol), bool(restart)
+        self.n_channels, self.do_preprocess, self.norm_settings = int(n_channels), bool(do_preprocess), norm_settings
+        self.tile, self.overlap, self.device = tile, overlap, device
+        self.compute_objective = bool(compute_objective)
+        self.info = info
+        self.normalization: Normalization | None = None
+        self.op = SPoDOperator(psf_arr, self.n_channels, device=device, normalize_psf=False)
+        self._token_cache: str | None = None
+
+    @classmethod
+    def create(cls, psf=None, method: str = "spodnet", model=None, tile: int | None = None,
+               overlap: int | None = None, device=None, normalize: bool = True, lam: float | None = None,
+               iterations: int = 1000, tol: float = 1e-6, restart: bool = True,
+               n_channels: int = DEFAULT_CHANNELS, preprocess_data: bool | None = None,
+               compute_objective: bool = True) -> "FrameRecoverer":
+        """Resolve the model / PSF / lambda exactly as :func:`recover` documents its arguments."""
+        if method not in ("spodnet", "fista"):
+            raise SPoDInputError(f"method must be 'spodnet' or 'fista', got {method!r}")
+        dev = resolve_device(device)
+        net = None
+        norm_settings = NormalizationSettings(enabled=normalize)
+        do_preprocess = bool(preprocess_data)
+        info: dict = {"device": str(dev)}
+        if method == "spodnet":
+            net = resolve_model(model, dev)
+            if net.n_channels != n_channels:
+                raise SPoDInputError(f"The model expects {net.n_channels} polarization channels, not {n_channels}.")
+            model_psf = net.psf.detach().cpu().numpy()
+            if psf is None:
+                psf_arr = model_psf
+            else:
+                psf_arr = check_psf(psf, normalize=True)
+                if psf_arr.shape != model_psf.shape:
+                    raise SPoDInputError(f"The model was trained with a {model_psf.shape} PSF, the given PSF is "
+                                         f"{psf_arr.shape}; train a model for this PSF (spodnet train).")
+                mismatch = float(np.abs(psf_arr - model_psf).sum() / np.abs(model_psf).sum())
+                info["psf_mismatch"] = mismatch
+                if mismatch > 0.05:
+                    warnings.warn(f"The model was trained with a different PSF (L1 difference {mismatch:.0%}); "
+                                  "results may be poor: train a model for this PSF.", PSFMismatchWarning,
+                                  stacklevel=3)
+            lam = net.lam if lam is None else lam
+            if normalize:
+                norm_settings = NormalizationSettings.from_dict(net.metadata.get("normalization"))
+            if preprocess_data is None:
+                do_preprocess = bool(net.metadata.get("preprocess"))
+            info["model"] = net.metadata.get("name", "custom")
+        else:
+            if psf is None:
+                raise SPoDInputError("FISTA needs a PSF.")
+            psf_arr = check_psf(psf, normalize=True)
+            lam = DEFAULT_LAMBDA if lam is None else lam
+        a, b = psf_arr.shape
+        if tile is not None and tile < max(a, b) + 1:
+            raise SPoDInputError(f"The tile size ({tile}) must exceed the PSF size ({a} x {b}).")
+        # Measured (docs/benchmarks.md): with the PSF size plus 16 px, tiles of the shipped model
+        # match the whole-image recovery to ~2e-6 relative.
+        margin = max(a, b) + 16 if overlap is None else int(overlap)
+        if margin < max(a, b):
+            raise SPoDInputError(f"The tile overlap ({margin}) must be at least the PSF size ({max(a, b)}).")
+        return cls(method=method, net=net, psf_arr=psf_arr, lam=lam, iterations=iterations, tol=tol,
+                   restart=restart, n_channels=n_channels, do_preprocess=do_preprocess,
+                   norm_settings=norm_settings, tile=tile, overlap=margin, device=dev,
+                   compute_objective=compute_objective, info=info)
+
+    # -- shapes and planning ------------------------------------------------------------
+    @property
+    def default_batch_size(self) -> int:
+        return 1 if self.device.type == "cpu" else 8
+
+    @property
+    def translate(self) -> tuple[float, float]:
+        a, b = self.psf.shape
+        return (-(a - 1) / 2, -(b - 1) / 2)
+
+    def image_shape(self, obs_hw) -> tuple[int, int, int]:
+        """(H, W) of an observation -> (c, h, w) of its recovery."""
+        a, b = self.psf.shape
+        return self.n_channels, int(obs_hw[0]) + a - 1, int(obs_hw[1]) + b - 1
+
+    def check_frame_shape(self, frame_shape) -> None:
+        c, H, W = (int(v) for v in frame_shape)
+        if c != self.n_channels:
+            raise SPoDInputError(f"Expected {self.n_channels} polarization images, got {c} "
+                                 f"(frame shape {(c, H, W)}).")
+        a, b = self.psf.shape
+        if H < a or W < b:
+            raise SPoDInputError(f"The PSF ({a} x {b}) is larger than the image ({H} x {W}).")
+        self._tiling((H, W))  # tile-size checks
+
+    def _tiling(self, obs_hw):
+        H, W = obs_hw
+        a, b = self.psf.shape
+        h, w = H + a - 1, W + b - 1
+        tile_h = tile_w = None
+        if self.tile is not None:
+            tile_h, tile_w = min(self.tile, H), min(self.tile, W)
+            if min(tile_h, tile_w) < min(H, W) and min(tile_h, tile_w) < 2 * self.overlap + 16:
+                raise SPoDInputError(f"The tile size ({self.tile}) must be at least twice the overlap "
+                                     f"({self.overlap}) plus 16 pixels.")
+        starts_r = _tile_starts(H, tile_h or H, self.overlap)
+        starts_c = _tile_starts(W, tile_w or W, self.overlap)
+        own_r = _ownership(starts_r, tile_h or H, a - 1, h)
+        own_c = _ownership(starts_c, tile_w or W, b - 1, w)
+        return (tile_h or H, tile_w or W), list(zip(starts_r, own_r)), list(zip(starts_c, own_c))
+
+    def n_tiles(self, obs_hw) -> int:
+        _, rows, cols = self._tiling(obs_hw)
+        return len(rows) * len(cols)
+
+    def units_per_batch(self, obs_hw) -> int:
+        """Progress units of one batch (tiles, times iterations for FISTA)."""
+        return self.n_tiles(obs_hw) * (self.iterations if self.method == "fista" else 1)
+
+    # -- normalisation -----------------------------------------------------------------
+    def prepare(self, frame) -> np.ndarray:
+        """Validate (and, if the model asks, preprocess) one raw frame (c, H, W) -> float32."""
+        return _prepare(frame, self.n_channels, self.psf.shape, self.do_preprocess)
+
+    @staticmethod
+    def sample_indices(n_frames: int) -> list[int]:
+        """The (up to 8) frames the normalisation is fitted on, spread over the series."""
+        return [int(i) for i in np.unique(np.linspace(0, n_frames - 1, min(n_frames, 8)).astype(int))]
+
+    def fit(self, series) -> dict[int, np.ndarray]:
+        """Fit the normalisation on up to 8 frames of ``series`` (T, c, H, W) (anything indexable
+        by frame); returns those prepared frames so a caller need not prepare them again."""
+        prepared = {i: self.prepare(series[i]) for i in self.sample_indices(len(series))}
+        self.normalization = fit_normalization(np.stack(list(prepared.values())), self.norm_settings)
+        self._token_cache = None
+        return prepared
+
+    def token(self) -> str:
+        """Hex digest of everything that changes a recovered frame (model weights, PSF, lambda,
+        solver, tiling, preprocessing, fitted normalisation)."""
+        if self._token_cache is None:
+            digest = hashlib.sha256()
+            norm = self.normalization
+            settings = dict(method=self.method, lam=self.lam, iterations=self.iterations, tol=self.tol,
+                            restart=self.restart, n_channels=self.n_channels, preprocess=self.do_preprocess,
+                            normalization_settings=self.norm_settings.to_dict(), tile=self.tile,
+                            overlap=self.overlap,
+                            normalization=None if norm is None else [norm.offset, norm.scale])
+            digest.update(json.dumps(settings, sort_keys=True).encode())
+            digest.update(np.ascontiguousarray(self.psf, dtype=np.float64).tobytes())
+            if self.net is not None:
+                for name, value in sorted(self.net.state_dict().items()):
+                    digest.update(name.encode())
+                    digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+                digest.update(json.dumps(self.net.metadata, sort_keys=True, default=str).encode())
+            self._token_cache = digest.hexdigest()
+        return self._token_cache
+
+    def to(self, device) -> "FrameRecoverer":
+        """This recoverer on another device (itself when already there)."""
+        dev = resolve_device(device)
+        if dev == self.device:
+            return self
+        clone = copy.copy(self)
+        clone.device = dev
+        clone.net = None if self.net is None else self.net.to(dev)
+        clone.op = self.op.to(device=dev)
+        clone.info = {**self.info, "device": str(dev)}
+        return clone
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["device"] = str(self.device)
+        state["op"] = None  # rebuilt from the PSF (its FFT cache need not travel)
+        if self.net is not None and self.device.type != "cpu":
+            state["net"] = copy.deepcopy(self.net).to("cpu")
+            state["device"] = "cpu"
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.device = torch.device(state["device"])
+        self.op = SPoDOperator(self.psf, self.n_channels, device=self.device, normalize_psf=False)
+
+    # -- recovery ----------------------------------------------------------------------
+    def recover_frames(self, frames, progress: ProgressCallback | None = None) -> BatchResult:
+        """Recover raw frames (B, c, H, W) (after :meth:`fit`); see :meth:`recover_prepared`."""
+        return self.recover_prepared(np.stack([self.prepare(f) for f in frames]), progress=progress)
+
+    def recover_prepared(self, y_np: np.ndarray, progress: ProgressCallback | None = None, done: int = 0,
+                         total: int | None = None, label: str = "") -> BatchResult:
+        """Recover prepared frames (B, c, H, W) float32 -> :class:`BatchResult` (data units)."""
+        if self.normalization is None:
+            raise SPoDInputError("FrameRecoverer.fit(series) must be called before recovering frames.")
+        op, dev, lam = self.op, self.device, self.lam
+        B, c, H, W = y_np.shape
+        a, b = self.psf.shape
+        h, w = H + a - 1, W + b - 1
+        (tile_h, tile_w), rows, cols = self._tiling((H, W))
+        n_tiles = len(rows) * len(cols)
+        per_unit = self.iterations if self.method == "fista" else 1
+        total = n_tiles * per_unit if total is None else total
+        size_ratio = (H * W) / (h * w)
+        fista_iterations, fista_histories = [], []
+
+        def report(message: str, units: int, iteration=None, objective=None) -> None:
+            update = RecoveryProgress(units, total, message, iteration, objective)
+            if progress is not None and progress(update):
+                raise RecoveryCancelled(f"Recovery cancelled ({message}).")
+
+        y = torch.as_tensor(self.normalization.apply(y_np), dtype=torch.float32, device=dev)
+        x_full = torch.empty((B, c, h, w), dtype=torch.float32, device=dev) if n_tiles > 1 else None
+        for (r0, (lo_r, hi_r)) in rows:
+            for (c0, (lo_c, hi_c)) in cols:
+                y_tile = y[..., r0:r0 + tile_h, c0:c0 + tile_w]
+                if self.method == "spodnet":
+                    x_tile = self.net.recover(y_tile, size_ratio=size_ratio)
                     done += 1
                 else:
-                    x_tile = _fista_tile(op, y_tile, lam, size_ratio, iterations, tol, restart,
+                    x_tile = _fista_tile(op, y_tile, lam, size_ratio, self.iterations, self.tol, self.restart,
                                          lambda it, f, base=done: report("FISTA", base + it, it, f),
                                          fista_iterations, fista_histories)
                     done += per_unit
@@ -291,21 +488,12 @@ def recover(stack, psf=None, method: str = "spodnet", model=None, tile: int | No
                     x_full = x_tile
                 else:
                     x_full[..., lo_r:hi_r, lo_c:hi_c] = x_tile[..., lo_r - r0:hi_r - r0, lo_c - c0:hi_c - c0]
-                report(f"frames {frames[0] + 1}-{frames[-1] + 1} of {T}")
-        if compute_objective:
-            objectives[frames] = op.objective(y, x_full, lam).detach().cpu().numpy().reshape(-1)
-        out[frames] = norm.restore_image(x_full.detach().cpu().numpy())  # identity when not normalising
-
-    image = out[0] if single else out
-    intensity = image.sum(axis=-3)
-    orientation = orientation_map(image)
-    info.update(tiles=n_tiles, frames=T, fista_iterations=fista_iterations or None, preprocess=do_preprocess)
-    if fista_histories:
-        info["fista_history"] = fista_histories[0] if len(fista_histories) == 1 else fista_histories
-    return RecoveryResult(
-        image=image, intensity=intensity, orientation=orientation, seconds=time.perf_counter() - start,
-        objective=(float(objectives[0]) if single else objectives) if compute_objective else None,
-        method=method, lam=float(lam), normalization=norm, translate=(-(a - 1) / 2, -(b - 1) / 2), info=info)
+                report(label, done)
+        objective = np.full(B, np.nan)
+        if self.compute_objective:
+            objective = op.objective(y, x_full, lam).detach().cpu().numpy().reshape(-1).astype(np.float64)
+        image = self.normalization.restore_image(x_full.detach().cpu().numpy())  # identity when not normalising
+        return BatchResult(np.asarray(image, dtype=np.float32), objective, fista_iterations, fista_histories)
 
 
 def _prepare(frame, n_channels, psf_shape, do_preprocess) -> np.ndarray:
