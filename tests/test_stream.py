@@ -182,3 +182,31 @@ def test_fista_streamed_equals_recover(series_file, tmp_path):
     assert _rel(got, ref.image) < 1e-6
     meta = zarr.open_group(str(tmp_path / "f.zarr"), mode="r").attrs["napari_spodnet"]
     assert meta["method"] == "fista" and json.dumps(meta)
+
+
+def test_cli_only_and_resume_after_interrupt(series_file, reference, tmp_path, monkeypatch, capsys):
+    import napari_spodnet.stream as stream
+    from napari_spodnet import cli
+
+    path, _ = series_file
+    out = tmp_path / "cli.zarr"
+    real = stream.local_batches
+
+    def interrupted(engine, source, batches, **kw):
+        for k, item in enumerate(real(engine, source, batches, **kw)):
+            if k == 3:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(stream, "local_batches", interrupted)
+    argv = ["recover", str(path), "-o", str(out), "--only", "intensity,orientation"]
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "--resume" in err and "frames/s" in err and "left" in err
+    assert cli.main(argv + ["--quiet"]) == cli.EXIT_ERROR and "--resume" in capsys.readouterr().err
+    monkeypatch.setattr(stream, "local_batches", real)
+    assert cli.main(argv + ["--resume", "--quiet"]) == 0
+    assert "3 frames from an earlier run" in capsys.readouterr().out
+    group = zarr.open_group(str(out), mode="r")
+    assert sorted(group.group_keys()) == ["intensity", "orientation"]
+    assert _rel(group["intensity"]["0"][:], reference.intensity) < 1e-6

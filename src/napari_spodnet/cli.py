@@ -95,32 +95,50 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_fista(args) -> int:
-    from .core.recover import recover
     from .io import read_psf
 
-    stack = _load_observation(args.observation, args.n_channels, axis=args.axis)
     psf = read_psf(args.psf)
-    callback, _ = _recovery_progress("FISTA", args.quiet)
-    result = recover(stack, psf, method="fista", lam=args.lam, iterations=args.iterations, tol=args.tol,
-                     restart=not args.no_restart, device=args.device, tile=args.tile, normalize=not args.no_normalize,
-                     n_channels=args.n_channels, progress=callback)
-    path = _write_result(args.output, result, {"iterations": args.iterations, "psf_shape": list(psf.shape)})
-    print(f"FISTA: {result.seconds:.2f} s, objective {_fmt(result.objective)}, "
-          f"iterations {result.info.get('fista_iterations')}, wrote {path}")
-    return 0
+    return _stream_recovery(args, "FISTA", dict(psf=psf, method="fista", lam=args.lam, iterations=args.iterations,
+                                                tol=args.tol, restart=not args.no_restart,
+                                                normalize=not args.no_normalize),
+                            {"iterations": args.iterations, "psf_shape": list(psf.shape)})
 
 
 def cmd_recover(args) -> int:
-    from .core.recover import recover
     from .io import read_psf
 
-    stack = _load_observation(args.observation, args.n_channels, axis=args.axis)
     psf = read_psf(args.psf) if args.psf else None
-    callback, _ = _recovery_progress("SPoD-Net", args.quiet)
-    result = recover(stack, psf, method="spodnet", model=args.model, device=args.device, tile=args.tile,
-                     batch_size=args.batch_size, n_channels=args.n_channels, progress=callback)
-    path = _write_result(args.output, result, {"model": str(args.model or "default")})
-    print(f"SPoD-Net: {result.seconds:.2f} s, objective {_fmt(result.objective)}, wrote {path}")
+    return _stream_recovery(args, "SPoD-Net", dict(psf=psf, method="spodnet", model=args.model),
+                            {"model": str(args.model or "default")})
+
+
+def _stream_recovery(args, label: str, settings: dict, extra_metadata: dict) -> int:
+    """Shared by ``recover`` and ``fista``: frames are read, recovered and written one batch at a
+    time (memory flat in the series length), to a partial output that ``--resume`` continues."""
+    from .stream import parse_outputs, partial_path, recover_to_file
+
+    outputs = parse_outputs(args.only)
+    bar = _Progress(label, args.quiet)
+
+    def on_progress(p):
+        bar(p.fraction, p.line())
+        return False
+
+    try:
+        summary = recover_to_file(args.observation, args.output, outputs=outputs, resume=args.resume,
+                                  scheduler=args.scheduler, batch_size=getattr(args, "batch_size", None),
+                                  n_channels=args.n_channels, axis=args.axis, progress=on_progress,
+                                  metadata=extra_metadata, device=args.device, tile=args.tile, **settings)
+    except KeyboardInterrupt:
+        print(f"\nthe frames finished so far are kept in {partial_path(Path(args.output))}: run the same command "
+              "with --resume to continue", file=sys.stderr)
+        raise
+    resumed = f" ({summary.skipped} frames from an earlier run)" if summary.skipped else ""
+    fista = summary.info.get("fista_iterations")
+    iterations = f", iterations {fista if len(fista) > 1 else fista[0]}" if fista else ""
+    objective = summary.objective[0] if summary.frames == 1 else summary.objective
+    print(f"{label}: {summary.seconds:.2f} s, {summary.computed} frames{resumed}, objective {_fmt(objective)}"
+          f"{iterations}, wrote {', '.join(map(str, summary.paths))}")
     return 0
 
 
@@ -300,13 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fista", help="recover with FISTA")
     p.add_argument("observation")
     p.add_argument("--psf", required=True)
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="OUT.tif (BigTIFF) or OUT.zarr (OME-Zarr)")
     p.add_argument("--lam", type=float, default=None, help="regularisation (default 0.05 on normalised data)")
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--tol", type=float, default=1e-6)
     p.add_argument("--no-restart", action="store_true")
     p.add_argument("--tile", type=int, default=None)
     p.add_argument("--no-normalize", action="store_true", help="use intensities as given")
+    p.add_argument("--only", default="image", metavar="OUTPUTS",
+                   help="outputs to write, comma-separated from image,intensity,orientation, or 'all' (default: "
+                        "image); the first goes to OUTPUT, the others beside it (OUT_intensity.tif) or into OUT.zarr")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its partial output (OUT.partial.zarr / .tif)")
+    p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                   help="recover the frames on a dask.distributed scheduler (pip install napari-spodnet[cluster])")
     common(p)
     p.set_defaults(func=cmd_fista)
 
@@ -336,9 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("observation")
     p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
     p.add_argument("--psf", default=None, help="PSF TIFF (default: the model's PSF)")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="OUT.tif (BigTIFF) or OUT.zarr (OME-Zarr)")
     p.add_argument("--tile", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="frames per batch (default: 1 on CPU, 8 on GPU)")
+    p.add_argument("--only", default="image", metavar="OUTPUTS",
+                   help="outputs to write, comma-separated from image,intensity,orientation, or 'all' (default: "
+                        "image); the first goes to OUTPUT, the others beside it (OUT_intensity.tif) or into OUT.zarr")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its partial output (OUT.partial.zarr / .tif)")
+    p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                   help="recover the frames on a dask.distributed scheduler (pip install napari-spodnet[cluster])")
     common(p)
     p.set_defaults(func=cmd_recover)
     return parser

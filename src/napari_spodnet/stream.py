@@ -49,8 +49,10 @@ METADATA_KEY = "napari_spodnet"
 
 
 def parse_outputs(spec) -> tuple[str, ...]:
-    """``"intensity,orientation"`` or a sequence -> a tuple in :data:`OUTPUTS` order."""
+    """``"intensity,orientation"``, ``"all"`` or a sequence -> a tuple in :data:`OUTPUTS` order."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
+    if [str(i).strip().lower() for i in items] == ["all"]:
+        return OUTPUTS
     names = [str(s).strip().lower() for s in items if str(s).strip()]
     bad = [n for n in names if n not in OUTPUTS]
     if bad or not names:
@@ -464,6 +466,12 @@ def recover_to_file(observation, output, psf=None, method: str = "spodnet", *, o
     outputs = parse_outputs(outputs)
     final_paths = output_paths(output, outputs)
     _refuse_overwriting_input(observation, final_paths)
+    worker_device = "auto"
+    if scheduler is not None:
+        # The workers pick their own device (a GPU where they have one); here only the
+        # normalisation is fitted, on the CPU.
+        worker_device = str(recover_kwargs.pop("device", None) or "auto")
+        recover_kwargs["device"] = "cpu"
     if engine is None:
         engine = FrameRecoverer.create(psf, method=method, n_channels=n_channels, **recover_kwargs)
     source = FrameSource(observation, n_channels=n_channels, axis=axis)
@@ -511,7 +519,7 @@ def recover_to_file(observation, output, psf=None, method: str = "spodnet", *, o
         if scheduler is not None:
             from .cluster import cluster_batches
 
-            stream = cluster_batches(scheduler, engine, source, batches)
+            stream = cluster_batches(scheduler, engine, source, batches, worker_device=worker_device)
         else:
             stream = local_batches(engine, source, batches)
         fista_iterations = []
