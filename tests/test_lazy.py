@@ -1,0 +1,71 @@
+"""Lazy time series: frames recovered when indexed, equal to recover(), cache invalidated by
+model / lambda changes, and a napari Image layer showing frame t after moving the t slider."""
+
+import numpy as np
+import pytest
+
+from napari_spodnet.core.recover import recover
+from napari_spodnet.core.simulate import simulate_time_series
+from napari_spodnet.lazy import FrameCache, lazy_recover, lazy_series
+
+T = 4
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return simulate_time_series(T, (40, 40), seed=11)
+
+
+@pytest.fixture(scope="module")
+def reference(sim):
+    return recover(sim.observation, None, method="spodnet")
+
+
+def test_frames_computed_when_indexed_and_equal_recover(sim, reference):
+    cache = FrameCache(max_frames=8)
+    series = lazy_series(sim.observation, cache=cache)
+    assert series.image.shape == reference.image.shape and series.image.chunks[0] == (1,) * T
+    assert len(cache) == 0  # nothing recovered yet
+    np.testing.assert_allclose(np.asarray(series.image[2]), reference.image[2], rtol=1e-5, atol=1e-6)
+    assert len(cache) == 1
+    np.testing.assert_allclose(np.asarray(series.intensity[2]), reference.intensity[2], rtol=1e-5, atol=1e-5)
+    assert cache.hits >= 1 and len(cache) == 1  # the intensity came from the cached frame
+    np.testing.assert_allclose(series.orientation.compute(), reference.orientation, atol=1e-4)
+
+
+def test_changing_lambda_or_model_invalidates(sim, tmp_path):
+    import torch
+
+    from napari_spodnet.core.recover import load_default_model
+
+    cache = FrameCache()
+    a = lazy_series(sim.observation, cache=cache)
+    b = lazy_series(sim.observation, cache=cache, lam=0.2)
+    assert a.token != b.token and a.image.name != b.image.name
+    net = load_default_model()
+    with torch.no_grad():
+        net.layers[0].theta.mul_(3.0)  # another model: same shapes, other weights
+    c = lazy_series(sim.observation, cache=cache, model=net)
+    assert c.token != a.token
+    assert not np.allclose(np.asarray(a.image[1]), np.asarray(c.image[1]))
+    same = lazy_series(sim.observation, cache=cache)
+    assert same.token == a.token  # equal settings share the cache
+    a.invalidate()
+    assert all(key[0] != a.token for key in cache._frames)
+
+
+def test_lazy_recover_output_choice(sim, reference):
+    intensity = lazy_recover(sim.observation, output="intensity")
+    assert intensity.shape == reference.intensity.shape
+    with pytest.raises(Exception, match="output"):
+        lazy_recover(sim.observation, output="colour")
+
+
+def test_napari_layer_follows_the_t_slider(make_napari_viewer, sim, reference):
+    viewer = make_napari_viewer()
+    cache = FrameCache()
+    layer = viewer.add_image(lazy_recover(sim.observation, output="intensity", cache=cache), name="lazy")
+    viewer.dims.set_current_step(0, 3)
+    layer.refresh()
+    np.testing.assert_allclose(np.asarray(layer._slice.image.view), reference.intensity[3], rtol=1e-4, atol=1e-4)
+    assert {t for _, t in cache._frames} <= {0, 3}  # only the frames shown were recovered
