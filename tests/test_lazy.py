@@ -64,7 +64,8 @@ def test_lazy_recover_output_choice(sim, reference):
 def test_napari_layer_follows_the_t_slider(make_napari_viewer, sim, reference):
     viewer = make_napari_viewer()
     cache = FrameCache()
-    layer = viewer.add_image(lazy_recover(sim.observation, output="intensity", cache=cache), name="lazy")
+    layer = viewer.add_image(lazy_recover(sim.observation, output="intensity", cache=cache), name="lazy",
+                             contrast_limits=(0.0, 1.0))  # else napari samples frames to guess them
     viewer.dims.set_current_step(0, 3)
     layer.refresh()
     np.testing.assert_allclose(np.asarray(layer._slice.image.view), reference.intensity[3], rtol=1e-4, atol=1e-4)
