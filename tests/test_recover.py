@@ -472,3 +472,25 @@ def test_network_and_recover_on_cuda_match_cpu(obs, series, psf, net):
     # float32 round-off can flip FISTA's restart decisions: compare loosely
     assert _rel(f_gpu.image, f_cpu.image) < 2e-2
     assert f_gpu.objective == pytest.approx(f_cpu.objective, rel=1e-3)
+
+
+def test_frame_recoverer_pickles_and_matches_recover(series, net, psf):
+    """The per-frame engine behind streaming, lazy series and the cluster gives recover()'s frames,
+    also after a round trip through pickle (as dask sends it to workers)."""
+    import pickle
+
+    from napari_spodnet.core.recover import FrameRecoverer
+
+    reference = recover(series, psf, model=net)
+    engine = FrameRecoverer.create(psf, model=net)
+    engine.fit(series)
+    clone = pickle.loads(pickle.dumps(engine))
+    assert clone.token() == engine.token()
+    for t in (0, len(series) - 1):
+        np.testing.assert_array_equal(engine.recover_frames(series[t:t + 1]).image[0], reference.image[t])
+        np.testing.assert_array_equal(clone.recover_frames(series[t:t + 1]).image[0], reference.image[t])
+    other = FrameRecoverer.create(psf, model=net, lam=engine.lam * 2)
+    other.fit(series)
+    assert other.token() != engine.token()
+    with pytest.raises(SPoDInputError, match="fit"):
+        FrameRecoverer.create(psf, model=net).recover_frames(series[:1])

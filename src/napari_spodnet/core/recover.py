@@ -435,9 +435,14 @@ class FrameRecoverer:
         state = dict(self.__dict__)
         state["device"] = str(self.device)
         state["op"] = None  # rebuilt from the PSF (its FFT cache need not travel)
-        if self.net is not None and self.device.type != "cpu":
-            state["net"] = copy.deepcopy(self.net).to("cpu")
-            state["device"] = "cpu"
+        if self.net is not None:
+            net = copy.copy(self.net)  # shares the parameters
+            if hasattr(net, "_cache"):
+                net._cache = {}  # per-size filter spectra (closures, which do not pickle)
+            if self.device.type != "cpu":
+                net = copy.deepcopy(net).to("cpu")
+                state["device"] = "cpu"
+            state["net"] = net
         return state
 
     def __setstate__(self, state):

@@ -1,0 +1,29 @@
+"""benchmarks/bench_timelapse.py --quick runs end to end (tiny sizes), so the script cannot rot."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_timelapse.py"
+
+
+@pytest.mark.slow
+def test_bench_timelapse_quick(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_timelapse", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        tables = module.main(["--quick", "--no-cluster", "--out", str(tmp_path)])
+    finally:
+        sys.modules.pop(spec.name, None)
+    short, long = tables["memory"]
+    assert long["frames"] > short["frames"] and long["anon_peak_mb"] > 0 and long["vmhwm_mb"] > 0
+    assert {(r["method"], r["threads"]) for r in tables["speed"]} == {("spodnet", 1), ("spodnet", 2),
+                                                                     ("fista", 1), ("fista", 2)}
+    assert tables["fista_pass"]["ratio"] > 0 and tables["lazy"]["first_ms"] > 0
+    assert json.loads((tmp_path / "timelapse.json").read_text())
+    assert (tmp_path / "timelapse.md").read_text().count("|") > 20
