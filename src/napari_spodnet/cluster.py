@@ -61,11 +61,15 @@ def connect(scheduler, timeout: float | None = None):
                              "`dask scheduler` and workers with `dask worker ADDRESS`, or check the address.") from exc
 
 
-def _recover_batch(engine: FrameRecoverer, frames: np.ndarray, worker_device: str) -> BatchResult:
-    """Worker side: recover a batch of raw frames (B, c, H, W)."""
+def _recover_batch(engine: FrameRecoverer, frames: np.ndarray, worker_device: str, outputs=None) -> BatchResult:
+    """Worker side: recover a batch of raw frames (B, c, H, W); with ``outputs``, derive those
+    here and send only them back (the 18-channel image is 18x the size of a map)."""
     import torch
 
     from .core.devices import resolve_device
+    from .stream import keep_large_blocks
+
+    keep_large_blocks()  # the nanny's MALLOC_TRIM_THRESHOLD_=65536 made frames 3x slower
 
     device = str(resolve_device(None if worker_device == "auto" else worker_device))
     key = (engine.token(), device)
@@ -77,6 +81,11 @@ def _recover_batch(engine: FrameRecoverer, frames: np.ndarray, worker_device: st
     with torch.inference_mode():
         result = cached.recover_frames(frames)
     result.fista_histories = []  # per-iteration histories stay on the worker (large, not written)
+    if outputs is not None:
+        from .stream import frame_outputs
+
+        result.outputs = [frame_outputs(image, outputs) for image in result.image]
+        result.image = None
     return result
 
 
@@ -88,9 +97,10 @@ def _total_threads(client) -> int:
 
 
 def cluster_batches(scheduler, engine: FrameRecoverer, source, batches: Iterable[list[int]],
-                    worker_device: str = "auto", in_flight_per_thread: int = 2) -> Iterator[tuple[list[int], BatchResult]]:
+                    worker_device: str = "auto", in_flight_per_thread: int = 2, outputs=None) -> Iterator[tuple[list[int], BatchResult]]:
     """Recover ``batches`` of frame indices of ``source`` (a :class:`~napari_spodnet.stream.FrameSource`)
-    on the cluster; yields ``(frames, BatchResult)`` in completion order."""
+    on the cluster; yields ``(frames, BatchResult)`` in completion order (with ``outputs``, the
+    results carry only those outputs, derived on the workers)."""
     distributed = _distributed()
     client, owned = connect(scheduler)
     pending = list(batches)[::-1]
@@ -105,7 +115,7 @@ def cluster_batches(scheduler, engine: FrameRecoverer, source, batches: Iterable
             # The frames travel inside the task on purpose: a task that lost its worker can be rerun.
             warnings.filterwarnings("ignore", message=".*[Ll]arge object.*")
             warnings.filterwarnings("ignore", message=".*[Ss]ending large graph.*")
-            future = client.submit(_recover_batch, engine, data, worker_device, pure=False, retries=2)
+            future = client.submit(_recover_batch, engine, data, worker_device, outputs, pure=False, retries=2)
         running[future.key] = frames
         completed.add(future)
 

@@ -48,6 +48,34 @@ OBJECTIVES = "frame_objective"
 METADATA_KEY = "napari_spodnet"
 
 
+_ALLOCATOR_TUNED = False
+
+
+def keep_large_blocks() -> bool:
+    """Ask glibc's malloc to keep the recovery's 20 MB temporaries instead of returning each one
+    to the kernel (and faulting its pages in again on the next allocation).
+
+    Measured: a fresh 18 x 543 x 543 float32 temporary cost 11 ms against 2 ms for reusing a
+    buffer, and a SPoD-Net frame took 1.07 s by default, 0.8 s tuned; dask workers, whose nanny
+    sets ``MALLOC_TRIM_THRESHOLD_=65536``, took 2.4 s, 0.6-0.8 s tuned. Process-wide, so used only
+    by the batch paths (streamed recovery, dask workers), not by :func:`recover` in a GUI.
+    Returns whether it applied (glibc only); keeps at most 256 MB of free heap.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(libc.mallopt(m_trim_threshold, 256 * 2**20))
+    except (OSError, AttributeError):
+        return False
+    _ALLOCATOR_TUNED = ok
+    return ok
+
+
 def parse_outputs(spec) -> tuple[str, ...]:
     """``"intensity,orientation"``, ``"all"`` or a sequence -> a tuple in :data:`OUTPUTS` order."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -191,7 +219,7 @@ def _output_shape(name: str, n_frames: int, image_shape, single: bool) -> tuple[
     return (frame if single else (n_frames, *frame)), (axes if single else "T" + axes)
 
 
-def _frame_outputs(image: np.ndarray, outputs) -> dict[str, np.ndarray]:
+def frame_outputs(image: np.ndarray, outputs) -> dict[str, np.ndarray]:
     """(c, h, w) recovered frame -> the selected outputs (float32)."""
     result = {}
     if "image" in outputs:
@@ -463,6 +491,7 @@ def recover_to_file(observation, output, psf=None, method: str = "spodnet", *, o
     ``engine`` may be given instead, built with :meth:`FrameRecoverer.create`.
     """
     start = time.perf_counter()
+    keep_large_blocks()
     outputs = parse_outputs(outputs)
     final_paths = output_paths(output, outputs)
     _refuse_overwriting_input(observation, final_paths)
@@ -519,14 +548,16 @@ def recover_to_file(observation, output, psf=None, method: str = "spodnet", *, o
         if scheduler is not None:
             from .cluster import cluster_batches
 
-            stream = cluster_batches(scheduler, engine, source, batches, worker_device=worker_device)
+            stream = cluster_batches(scheduler, engine, source, batches, worker_device=worker_device,
+                                     outputs=outputs)
         else:
             stream = local_batches(engine, source, batches)
         fista_iterations = []
         try:
             for frames, batch in stream:
                 for k, t in enumerate(frames):
-                    writer.write(t, _frame_outputs(batch.image[k], outputs), float(batch.objective[k]))
+                    frame = batch.outputs[k] if batch.outputs is not None else frame_outputs(batch.image[k], outputs)
+                    writer.write(t, frame, float(batch.objective[k]))
                     objectives[t] = batch.objective[k]
                 fista_iterations += batch.fista_iterations
                 done += len(frames)

@@ -243,13 +243,16 @@ class BatchResult:
     """One frame batch recovered by :meth:`FrameRecoverer.recover_prepared`.
 
     image : (B, c, h, w) float32 in the data's units; objective : (B,) on normalised data
-    (NaN when not computed); FISTA iterations and histories per tile.
+    (NaN when not computed); FISTA iterations and histories per tile. ``outputs``: where a
+    dask worker already derived the outputs asked for (``{"intensity": (h, w), ...}`` per
+    frame), so only those travel back; ``image`` is None then.
     """
 
-    image: np.ndarray
+    image: np.ndarray | None
     objective: np.ndarray
     fista_iterations: list = field(default_factory=list)
     fista_histories: list = field(default_factory=list)
+    outputs: list | None = None
 
 
 class FrameRecoverer:
