@@ -71,3 +71,21 @@ def test_napari_layer_follows_the_t_slider(make_napari_viewer, sim, reference):
     np.testing.assert_allclose(np.asarray(layer._slice.image.view), reference.intensity[3], rtol=1e-4, atol=1e-4)
     computed = {t for _, t in cache._frames}
     assert 3 in computed and 2 not in computed  # frames recovered as shown (napari peeks at one more)
+
+
+def test_add_lazy_recovery_to_a_viewer(make_napari_viewer, sim, reference):
+    from napari_spodnet.widgets.lazy_series import SESSION_CACHE, add_lazy_recovery
+
+    viewer = make_napari_viewer()
+    obs = viewer.add_image(sim.observation, name="obs")
+    (intensity, orientation) = add_lazy_recovery(viewer, obs, outputs=("intensity", "orientation"))
+    assert intensity.name == "obs intensity (lazy)"
+    assert intensity.data.shape == (T, 1, *reference.intensity.shape[-2:])  # (T, c=1, h, w): follows t
+    for c in (0, 17):  # shown whatever the polarization slider says
+        viewer.dims.set_current_step(0, 2)
+        viewer.dims.set_current_step(1, c)
+        intensity.refresh()
+        np.testing.assert_allclose(np.asarray(intensity._slice.image.view), reference.intensity[2],
+                                   rtol=1e-4, atol=1e-4)
+    assert tuple(intensity.translate[-2:]) == tuple(reference.translate)
+    assert any(key[1] == 2 for key in SESSION_CACHE._frames)
