@@ -210,3 +210,15 @@ def test_cli_only_and_resume_after_interrupt(series_file, reference, tmp_path, m
     group = zarr.open_group(str(out), mode="r")
     assert sorted(group.group_keys()) == ["intensity", "orientation"]
     assert _rel(group["intensity"]["0"][:], reference.intensity) < 1e-6
+
+
+def test_napari_opens_the_ome_zarr_lazily(make_napari_viewer, series_file, reference, tmp_path):
+    path, _ = series_file
+    out = tmp_path / "view.zarr"
+    recover_to_file(path, out, outputs="intensity,orientation")
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(out / "intensity"), plugin="napari")
+    assert layers[0].data.shape == reference.intensity.shape
+    assert type(layers[0].data).__name__ in ("Array", "MultiScaleData")  # dask-backed, read when shown
+    viewer.dims.set_current_step(0, 3)
+    np.testing.assert_allclose(np.asarray(layers[0].data[3]), reference.intensity[3], rtol=1e-5, atol=1e-5)
