@@ -20,6 +20,7 @@ from qtpy.QtWidgets import QWidget
 
 from ..core.recover import RecoveryCancelled
 from ..core.validation import SPoDInputError
+from ._layers import match_marked_psfs
 from ._notify import error_message, notify_error, notify_info
 from ._settings import SettingsBinder, get_settings
 
@@ -228,6 +229,15 @@ class JobWidget(QWidget):
         self.settings = get_settings()
         self.binder = SettingsBinder(self.settings)
         self._job: Job | None = None
+        # PSF files show at the observation's pixel size, whichever widget is open
+        napari_viewer.layers.events.inserted.connect(self._match_psfs)
+        self._match_psfs()
+
+    def _match_psfs(self, event=None) -> None:
+        try:
+            match_marked_psfs(self.viewer)
+        except RuntimeError:  # closing
+            pass
 
     def refuse(self, message: str) -> None:
         """Say why a job was not started, in the status line (replacing the last job's) and a notification."""

@@ -235,6 +235,34 @@ def _source_units(source_layer, dropped: set) -> tuple | None:
     return tuple(u for i, u in enumerate(units) if i not in dropped)
 
 
+def match_psf_scale(psf_layer, observation_layer) -> bool:
+    """Show a PSF at the observation's pixel size (a PSF is sampled on the observation's pixels).
+
+    Only a PSF still at napari's default scale 1 is changed; returns True when it was.
+    """
+    if psf_layer is None or observation_layer is None:
+        return False
+    yx = tuple(float(v) for v in observation_layer.scale[-2:])
+    if yx == (1.0, 1.0) or not all(abs(float(v) - 1.0) < 1e-12 for v in psf_layer.scale[-2:]):
+        return False
+    psf_layer.scale = (1.0,) * (psf_layer.ndim - 2) + yx
+    units = spatial_units(psf_layer.ndim, spod_meta(observation_layer).get("pixel_size"))
+    if units is not None:
+        psf_layer.units = units
+    return True
+
+
+def match_marked_psfs(viewer) -> None:
+    """:func:`match_psf_scale` for every layer marked as a PSF, to the newest observation with a pixel size."""
+    observations = [layer for layer in viewer.layers
+                    if spod_kind(layer) == "observation" and spod_meta(layer).get("pixel_size")]
+    if not observations:
+        return
+    for layer in viewer.layers:
+        if spod_kind(layer) == "psf":
+            match_psf_scale(layer, observations[-1])
+
+
 def plane_series(array: np.ndarray) -> np.ndarray:
     """(T, h, w[, 3]) -> (T, 1, h, w[, 3]): the layout :func:`series_plane_placement` places."""
     return np.expand_dims(array, 1)

@@ -38,7 +38,7 @@ from ._layers import (
     observation_problem,
     psf_array,
     registered_placement,
-    spatial_units,
+    match_psf_scale,
     spod_meta,
     value_problem,
 )
@@ -239,16 +239,9 @@ class SpodDataWidget(JobWidget):
         self._match_psf_scale(psf)
 
     def _match_psf_scale(self, psf) -> None:
-        """Show the PSF at the observation's pixel size: the PSF is sampled on the observation's pixels."""
         obs = self.observation_picker.layer()
-        if obs is None or observation_problem(obs.data.shape, self.settings.n_channels):
-            return
-        yx = tuple(float(v) for v in obs.scale[-2:])
-        if all(abs(v - 1.0) < 1e-12 for v in psf.scale[-2:]) and yx != (1.0, 1.0):
-            psf.scale = (1.0,) * (psf.ndim - 2) + yx
-            units = spatial_units(psf.ndim, spod_meta(obs).get("pixel_size"))
-            if units is not None:
-                psf.units = units
+        if obs is not None and not observation_problem(obs.data.shape, self.settings.n_channels):
+            match_psf_scale(psf, obs)
 
     @staticmethod
     def _set_status(label: QLabel, text: str, ok: bool | None) -> None:

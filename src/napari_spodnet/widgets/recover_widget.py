@@ -19,6 +19,7 @@ from ._jobs import Job, JobWidget
 from ._layers import (
     add_or_update_image,
     current_frame,
+    display_range,
     is_observation_candidate,
     is_psf_candidate,
     observation_problem,
@@ -113,7 +114,7 @@ def add_result_layers(viewer, result, composite, source_layer, info: dict, frame
         axis_labels=("t", "orientation", "y", "x") if whole_series else ("orientation", "y", "x"), **stack_place)
     intensity = add_or_update_image(
         viewer, intensity_data, f"{base} {label} intensity", "intensity", info, colormap="gray",
-        visible=False, axis_labels=flat_labels, **flat_place)
+        visible=False, axis_labels=flat_labels, contrast_limits=display_range(intensity_data), **flat_place)
     orientation = add_or_update_image(
         viewer, composite_data, f"{base} {label} orientation", "orientation", info, rgb=True,
         axis_labels=flat_labels, **flat_place)
