@@ -24,6 +24,8 @@ from ._layers import match_marked_psfs
 from ._notify import error_message, notify_error, notify_info
 from ._settings import SettingsBinder, get_settings
 
+#: dock widget width (px) at which "FISTA comparison (SPoD-Net)" and the forms fit
+MIN_WIDTH = 380
 #: How often queued progress reaches the GUI thread (status line, bar, live curve).
 PROGRESS_UPDATES_PER_SECOND = 10
 
@@ -229,6 +231,7 @@ class JobWidget(QWidget):
         self.settings = get_settings()
         self.binder = SettingsBinder(self.settings)
         self._job: Job | None = None
+        self.setMinimumWidth(MIN_WIDTH)  # napari's dock title (widget name and plugin) shows in full
         # PSF files show at the observation's pixel size, whichever widget is open
         napari_viewer.layers.events.inserted.connect(self._match_psfs)
         self._match_psfs()

@@ -11,7 +11,7 @@ the summed intensity and an orientation-coloured composite.
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QLabel, QPushButton, QVBoxLayout
+from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout
 
 from ..core.recover import RecoveryCancelled, RecoveryProgress, orientation_composite, recover
 from ._controls import ProgressRow, make_spin
@@ -31,6 +31,7 @@ from ._layers import (
     spod_meta,
     value_problem,
 )
+from ._legend import wheel_pixmap
 from ._notify import error_message
 from ._pickers import DevicePicker, LayerPicker, ModelSourcePicker
 
@@ -148,6 +149,17 @@ class RecoverWidget(JobWidget):
         self.progress = ProgressRow()
         self.result_label = QLabel("")
         self.result_label.setWordWrap(True)
+        # what the orientation composite's colours mean
+        self.legend = QLabel()
+        self.legend.setPixmap(wheel_pixmap(84))
+        self.legend_text = QLabel("Orientation composite: hue = dipole angle, brightness = intensity. "
+                                  "Angles counter-clockwise from the x axis (0° → red, 60° → green, "
+                                  "120° → blue); opposite sides of the ring are the same orientation.")
+        self.legend_text.setWordWrap(True)
+        legend_box = QGroupBox("Orientation colours")
+        legend_row = QHBoxLayout(legend_box)
+        legend_row.addWidget(self.legend)
+        legend_row.addWidget(self.legend_text, 1)
 
         model_box = QGroupBox("Model")
         QVBoxLayout(model_box).addWidget(self.model_picker)
@@ -164,6 +176,7 @@ class RecoverWidget(JobWidget):
         layout.addWidget(self.run_button)
         layout.addWidget(self.progress)
         layout.addWidget(self.result_label)
+        layout.addWidget(legend_box)
         layout.addStretch(1)
 
         self.observation_picker.currentIndexChanged.connect(self._update_frames_option)
