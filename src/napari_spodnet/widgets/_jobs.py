@@ -26,8 +26,11 @@ from ._settings import SettingsBinder, get_settings
 
 #: dock widget width (px) at which "FISTA comparison (SPoD-Net)" and the forms fit
 MIN_WIDTH = 380
-#: How often queued progress reaches the GUI thread (status line, bar, live curve).
-PROGRESS_UPDATES_PER_SECOND = 10
+#: How often queued progress reaches the GUI thread (status line, bar, live curve). Every
+#: repaint of a dock widget makes Qt recomposite napari's OpenGL canvas (costly with software
+#: GL, e.g. under Xvfb); measured with scripts/gui_walkthrough.py at 256², FISTA in the GUI ran
+#: 3.5x slower than headless at 10 updates/s and 1.4x at 3/s (2 shared cores, load ~3).
+PROGRESS_UPDATES_PER_SECOND = 3
 
 
 class JobControl:
