@@ -5,7 +5,8 @@
 A *shown* napari window is needed: canvas screenshots of a hidden viewer come out black.
 The script opens the sample data with ``run_demo_in_viewer`` (the four dock widgets,
 layers selected, a SPoD-Net recovery with the shipped model, or FISTA without it), then
-drives each widget to a meaningful state and grabs the whole window:
+drives each widget to a meaningful state and grabs the whole window. The widgets are docked
+as the Plugins menu docks them (``viewer.window.add_plugin_dock_widget``):
 
 * ``overview.png``: the observation and the SPoD-Net orientation composite side by side,
   Recover widget in front;
@@ -92,9 +93,10 @@ def raise_dock(viewer, widget) -> None:
 
 
 def show_only(viewer, layers) -> None:
-    keep = set(map(id, layers))
+    """Show these layers only (compared by unique_id: the widgets hand out napari's proxies)."""
+    keep = {layer.unique_id for layer in layers}
     for layer in viewer.layers:
-        layer.visible = id(layer) in keep
+        layer.visible = layer.unique_id in keep
 
 
 def zoom_by(viewer, factor: float) -> None:
@@ -211,7 +213,7 @@ def main(argv=None) -> int:
         raise RuntimeError("preprocessing did not start")
     wait_until(lambda: not data_w.is_running(), 120, "preprocessing")
     preprocessed = data_w.observation_picker.layer()
-    if preprocessed is None or preprocessed is observation:
+    if preprocessed is None or preprocessed.unique_id == observation.unique_id:
         raise RuntimeError(f"preprocessing failed: {data_w.preprocess_progress.text()}")
     show_only(viewer, [preprocessed])
     viewer.dims.set_point(0, 0)

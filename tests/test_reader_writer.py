@@ -59,19 +59,35 @@ def test_open_spod_tiff_through_the_plugin(make_napari_viewer, tmp_path, layout)
     assert expected.min() <= lo < hi <= expected.max()
 
 
-def test_plain_and_non_spod_tiffs_are_not_claimed(make_napari_viewer, tmp_path):
-    plain = tmp_path / "plain.tif"
+def test_psf_images_open_as_psfs_and_other_tiffs_say_why(make_napari_viewer, tmp_path):
+    from napari_spodnet.core.validation import SPoDInputError
+
+    plain = tmp_path / "bead.tif"
     tifffile.imwrite(plain, _obs((H, W)))
-    rgbish = tmp_path / "three.tif"
-    tifffile.imwrite(rgbish, _obs((3, H, W)), photometric="minisblack")
+    zstack = tmp_path / "beads.tif"
+    tifffile.imwrite(zstack, _obs((3, H, W)), photometric="minisblack")
+    pages = tmp_path / "pages.tif"  # 36 pages (2 x 18) without axis metadata: ambiguous
+    tifffile.imwrite(pages, _obs((36, 300, 300)), photometric="minisblack")
     other = tmp_path / "notes.txt"
     other.write_text("hello")
-    assert napari_get_reader(str(plain)) is None
-    assert napari_get_reader(str(rgbish)) is None
     assert napari_get_reader(str(other)) is None
     assert napari_get_reader(str(tmp_path / "missing.tif")) is None
-    # napari's own reader still opens the plain TIFF (e.g. a PSF dropped on the window)
     viewer = make_napari_viewer()
+    # a 2-D PSF and a 3-D stack of PSFs open as PSF layers (averaged, sum 1, as io.read_psf does)
+    psf = viewer.open(str(plain), plugin="napari-spodnet")[0]
+    assert psf.metadata["spodnet"]["kind"] == "psf" and psf.data.shape == (H, W)
+    assert psf.data.sum() == pytest.approx(1, abs=1e-5)
+    stack = viewer.open(str(zstack), plugin="napari-spodnet")[0]
+    assert stack.metadata["spodnet"]["kind"] == "psf" and stack.data.shape == (H, W)
+    assert stack.metadata["spodnet"]["averaged_slices"] == 3
+    # anything else: napari's message carries the reason and what to do
+    with pytest.raises(Exception) as info:
+        viewer.open(str(pages), plugin="napari-spodnet")
+    text = str(info.value) + str(getattr(info.value, "__cause__", ""))
+    assert "not a SPoD stack" in text and "36 pages" in text and "Split into time points" in text
+    with pytest.raises(SPoDInputError, match="not a SPoD stack"):
+        napari_get_reader(str(pages))(str(pages))
+    # napari's own reader still opens the plain TIFF (e.g. a PSF dropped on the window)
     layers = viewer.open(str(plain))
     assert len(layers) == 1 and layers[0].data.shape == (H, W)
     assert "spodnet" not in layers[0].metadata

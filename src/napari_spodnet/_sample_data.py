@@ -6,7 +6,7 @@ from .core.simulate import simulate, simulate_time_series
 
 
 def _layers(sim, name: str, source: str) -> list[tuple]:
-    from .widgets._shared import METADATA_KEY, display_range, jsonable
+    from .widgets._layers import METADATA_KEY, display_range, jsonable
 
     obs, psf, truth = sim.observation, sim.psf, sim.truth
     a, b = psf.shape

@@ -21,7 +21,7 @@ _SERIES_OF_PLANES = ("intensity", "mean", "difference")
 
 def write_spod_tiff(path: str, data, meta: dict) -> list[str]:
     """npe2 single-layer writer for image layers; returns the written path."""
-    from .widgets._shared import METADATA_KEY, jsonable
+    from .widgets._layers import METADATA_KEY, jsonable
 
     arr = np.asarray(data[0] if meta.get("multiscale") else data)
     shape = tuple(int(s) for s in arr.shape)

@@ -23,30 +23,19 @@ WIDGETS = (
 )
 
 
-def _widget_class(path: str):
-    import importlib
-
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def _scrollable(widget):
-    """Wrap a tall widget in a scroll area so all four fit in one dock column."""
-    from qtpy.QtWidgets import QScrollArea
-
-    area = QScrollArea()
-    area.setWidgetResizable(True)
-    area.setWidget(widget)
-    area.setMinimumWidth(340)
-    return area
+PLUGIN_NAME = "napari-spodnet"
 
 
 def dock_all_widgets(viewer, area: str = "right", tabify: bool = True) -> "dict[str, QWidget]":
-    """Create and dock the four widgets (tabbed in one dock area); returns ``{key: widget}``."""
+    """Dock the four widgets as the Plugins menu does (tabbed); returns ``{key: widget}``.
+
+    Through ``viewer.window.add_plugin_dock_widget``: each widget gets napari's proxy of the
+    viewer, exactly as when a user docks it from *Plugins > SPoD-Net* (``area`` is napari's
+    choice there, kept in the signature for callers).
+    """
     widgets = {}
-    for key, title, path in WIDGETS:
-        widget = _widget_class(path)(viewer)
-        viewer.window.add_dock_widget(_scrollable(widget), name=title, area=area, tabify=tabify)
+    for key, title, _path in WIDGETS:
+        _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN_NAME, title, tabify=tabify)
         widgets[key] = widget
     return widgets
 

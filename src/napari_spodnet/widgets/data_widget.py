@@ -28,27 +28,46 @@ from qtpy.QtWidgets import (
 from ..core.preprocess import NormalizationSettings, fit_normalization, preprocess
 from ..core.validation import SPoDInputError, check_psf
 from ..io import average_psfs, find_polarization_axis
-from ._shared import (
-    JobWidget,
+from ._controls import ProgressRow, make_spin
+from ._jobs import Job, JobWidget
+from ._layers import (
     METADATA_KEY,
-    Job,
-    LayerListPicker,
-    LayerPicker,
-    ProgressRow,
     add_or_update_image,
-    error_message,
     is_observation_candidate,
     is_psf_candidate,
-    make_spin,
-    notify_error,
-    notify_info,
     observation_problem,
+    psf_array,
     registered_placement,
+    match_psf_scale,
     spod_meta,
+    value_problem,
 )
+from ._notify import error_message, notify_error, notify_info
+from ._pickers import LayerListPicker, LayerPicker
 
 _OK = "color: #3c3;"
 _BAD = "color: #e55;"
+
+
+#: how the pages of a plain (T*c, H, W) stack are ordered: (label, key)
+PAGE_ORDERS = (
+    ("polarization steps of one time point together (ImageJ's default)", "tc"),
+    ("time points of one polarization step together", "ct"),
+)
+
+
+def split_pages(data, n_channels: int, order: str = "tc") -> np.ndarray:
+    """A plain (T*c, H, W) stack as (T, c, H, W): ``order`` "tc" (pages t0c0, t0c1, ...) or "ct"
+    (pages c0t0, c0t1, ...). A view where numpy can make one (no copy)."""
+    arr = np.asarray(data)
+    pages = arr.shape[0]
+    if arr.ndim != 3 or pages % n_channels or pages == n_channels:
+        raise SPoDInputError(f"{pages} pages cannot be split into time points of {n_channels} polarization "
+                             f"images (need a multiple of {n_channels} above {n_channels}).")
+    t = pages // n_channels
+    if order == "tc":
+        return arr.reshape(t, n_channels, *arr.shape[1:])
+    return np.swapaxes(arr.reshape(n_channels, t, *arr.shape[1:]), 0, 1)
 
 
 def _preprocess_work(control, data, median: int, minimum: int, mode: str):
@@ -82,6 +101,16 @@ class SpodDataWidget(JobWidget):
         self.observation_status.setWordWrap(True)
         self.fix_axes_button = QPushButton("Move the polarization axis into place")
         self.fix_axes_button.setVisible(False)
+        # a plain stack of T*c pages (no axis metadata): the user states the page order
+        self.page_order_combo = QComboBox()
+        for label, key in PAGE_ORDERS:
+            self.page_order_combo.addItem(label, key)
+        self.split_button = QPushButton("Split into time points")
+        self.layout_box = QGroupBox("Page order of a plain stack")
+        layout_form = QFormLayout(self.layout_box)
+        layout_form.addRow("pages", self.page_order_combo)
+        layout_form.addRow(self.split_button)
+        self.layout_box.setVisible(False)
         self.scale_label = QLabel("")
         self.scale_label.setWordWrap(True)
         obs_box = QGroupBox("Observation")
@@ -90,6 +119,7 @@ class SpodDataWidget(JobWidget):
         form.addRow("polarization steps", self.n_channels_spin)
         form.addRow(self.observation_status)
         form.addRow(self.fix_axes_button)
+        form.addRow(self.layout_box)
         form.addRow(self.scale_label)
 
         # --- PSF
@@ -141,6 +171,7 @@ class SpodDataWidget(JobWidget):
         self.psf_picker.currentIndexChanged.connect(self.update_status)
         self.n_channels_spin.valueChanged.connect(self.update_status)
         self.fix_axes_button.clicked.connect(self.fix_axes)
+        self.split_button.clicked.connect(self.split_time_points)
         self.preprocess_button.clicked.connect(self.start_preprocess)
         self.average_button.clicked.connect(self.average_selected_psfs)
         napari_viewer.layers.events.inserted.connect(self._on_layers_changed)
@@ -158,6 +189,7 @@ class SpodDataWidget(JobWidget):
         n = self.settings.n_channels
         layer = self.observation_picker.layer()
         self.fix_axes_button.setVisible(False)
+        self.layout_box.setVisible(False)
         if layer is None:
             self._set_status(self.observation_status, "Choose an observation layer ((c, H, W) or (T, c, H, W)).",
                              ok=None)
@@ -165,7 +197,11 @@ class SpodDataWidget(JobWidget):
         else:
             shape = tuple(layer.data.shape)
             problem = observation_problem(shape, n)
-            if problem is None:
+            values = value_problem(layer.data) if problem is None else None
+            if values is not None:
+                self._set_status(self.observation_status, f"✗ '{layer.name}': {values}", ok=False)
+                self.scale_label.setText("")
+            elif problem is None:
                 what = f"time series of {shape[0]} stacks" if len(shape) == 4 else "single stack"
                 self._set_status(self.observation_status,
                                  f"✓ {what}: {n} polarization images of {shape[-2]} x {shape[-1]} pixels "
@@ -174,21 +210,38 @@ class SpodDataWidget(JobWidget):
             else:
                 self._set_status(self.observation_status, f"✗ {problem}", ok=False)
                 self.scale_label.setText("")
+                if len(shape) == 3 and shape[0] % n == 0 and shape[0] > n:
+                    self.layout_box.setTitle(f"{shape[0]} pages: {shape[0] // n} time points of {n} polarization "
+                                             "images? Say how the pages are ordered:")
+                    self.layout_box.setVisible(True)
+                    return self._update_psf_status()
                 try:
                     axis = find_polarization_axis(shape, None, n)
                     self.fix_axes_button.setVisible(axis != len(shape) - 3)
                 except SPoDInputError:
                     pass
+        self._update_psf_status()
+
+    def _update_psf_status(self) -> None:
         psf = self.psf_picker.layer()
         if psf is None:
-            self._set_status(self.psf_status, "Choose a PSF layer (any 2-D image, e.g. a measured bead).", ok=None)
-        else:
-            try:
-                check_psf(psf.data)
-                self._set_status(self.psf_status, f"✓ PSF {psf.data.shape[0]} x {psf.data.shape[1]} "
-                                                  "(normalised to sum 1 when used).", ok=True)
-            except SPoDInputError as exc:
-                self._set_status(self.psf_status, f"✗ {exc}", ok=False)
+            self._set_status(self.psf_status, "Choose a PSF layer (a 2-D image or a z-stack, e.g. a measured bead).",
+                             ok=None)
+            return
+        try:
+            arr = check_psf(psf_array(psf))
+        except SPoDInputError as exc:
+            self._set_status(self.psf_status, f"✗ {exc}", ok=False)
+            return
+        how = (f"average of a stack of {psf.data.shape[0]} PSFs, " if psf.ndim == 3 else "")
+        self._set_status(self.psf_status, f"✓ PSF {arr.shape[0]} x {arr.shape[1]} ({how}normalised to sum 1 "
+                                          "when used).", ok=True)
+        self._match_psf_scale(psf)
+
+    def _match_psf_scale(self, psf) -> None:
+        obs = self.observation_picker.layer()
+        if obs is not None and not observation_problem(obs.data.shape, self.settings.n_channels):
+            match_psf_scale(psf, obs)
 
     @staticmethod
     def _set_status(label: QLabel, text: str, ok: bool | None) -> None:
@@ -227,6 +280,29 @@ class SpodDataWidget(JobWidget):
             axis_labels=("t", "polarization", "y", "x") if data.ndim == 4 else ("polarization", "y", "x"),
             contrast_limits=tuple(layer.contrast_limits))
         self.observation_picker.set_layer(new)
+
+    def split_time_points(self):
+        """Reshape the chosen plain (T*c, H, W) stack into a (T, c, H, W) series in a new layer."""
+        layer = self.observation_picker.layer()
+        if layer is None:
+            return None
+        order = self.page_order_combo.currentData()
+        try:
+            data = split_pages(layer.data, self.settings.n_channels, order)
+        except SPoDInputError as exc:
+            notify_error(str(exc))
+            return None
+        scale = tuple(float(v) for v in layer.scale)
+        translate = tuple(float(v) for v in layer.translate)
+        info = {"source": layer.name, "page_order": order,
+                **{k: v for k, v in spod_meta(layer).items() if k in ("path", "pixel_size")}}
+        new = add_or_update_image(
+            self.viewer, data, f"{layer.name} ({data.shape[0]} x {data.shape[1]})", "observation", info,
+            axis_labels=("t", "polarization", "y", "x"), contrast_limits=tuple(layer.contrast_limits),
+            scale=(1.0, 1.0) + scale[-2:], translate=(0.0, 0.0) + translate[-2:])
+        layer.visible = False
+        self.observation_picker.set_layer(new)
+        return new
 
     def start_preprocess(self) -> Job | None:
         if self._job is not None and self._job.running:
@@ -282,7 +358,7 @@ class SpodDataWidget(JobWidget):
             notify_error("Select one or more PSF layers to average (Ctrl/Shift-click in the list).")
             return None
         try:
-            psf = average_psfs([np.asarray(layer.data) for layer in layers], crop=self.crop_check.isChecked())
+            psf = average_psfs([psf_array(layer) for layer in layers], crop=self.crop_check.isChecked())
         except SPoDInputError as exc:
             notify_error(f"PSF averaging: {exc}")
             return None

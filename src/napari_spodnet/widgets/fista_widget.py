@@ -11,6 +11,8 @@ canvas text overlay and this widget.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -21,56 +23,81 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
+from ..core.compare import compare_at_equal_objective
 from ..core.recover import RecoveryResult, recover
-from ._shared import (
-    JobWidget,
-    CurvePlot,
-    DevicePicker,
-    Job,
-    LayerPicker,
-    ModelSourcePicker,
-    ProgressRow,
+from ._controls import ProgressRow, make_spin
+from ._jobs import Job, JobWidget
+from ._layers import (
     add_or_update_image,
     current_frame,
     display_range,
-    error_message,
     grid_cell,
     grid_model,
     is_observation_candidate,
     is_psf_candidate,
-    make_spin,
-    notify_error,
-    notify_warning,
+    layer_key,
     observation_problem,
+    psf_array,
     registered_placement,
+    show_scale_bar_if_physical,
     spod_meta,
     text_overlay,
+    value_problem,
 )
+from ._notify import error_message
+from ._pickers import DevicePicker, LayerPicker, ModelSourcePicker
+from ._plots import CurvePlot
 
 _ROLES = ("cmp_mean", "cmp_fista", "cmp_spodnet", "cmp_difference")
+#: live-curve points sent from the worker per second at most (the whole history is plotted at the end)
+LIVE_POINTS_PER_SECOND = 20
 
 
 def fista_frame(control, frame, psf, lam: float, iterations: int, tol: float, restart: bool, device: str,
                 n_channels: int) -> RecoveryResult:
-    """FISTA on one (c, H, W) frame through :func:`core.recover.recover`, reporting
-    ``("fista", iteration, objective)`` to ``control`` for the live curve."""
+    """FISTA on one (c, H, W) frame through :func:`core.recover.recover`.
+
+    Reports ``("fista", iteration, objective)`` to ``control`` for the live curve, at most
+    :data:`LIVE_POINTS_PER_SECOND` times a second. The result's ``info["fista_times"]`` holds
+    the seconds from the start of the call to the end of each iteration (same clock as
+    ``RecoveryResult.seconds``), for the comparison at equal objective.
+    """
+    start = time.perf_counter()
+    times: list[float] = []
+    last_sent = [0.0]
 
     def on_progress(update) -> bool:
         if update.iteration is not None:
-            control.report(("fista", int(update.iteration), float(update.objective)))
+            now = time.perf_counter()
+            times.append(now - start)
+            if now - last_sent[0] >= 1.0 / LIVE_POINTS_PER_SECOND or update.iteration == iterations:
+                last_sent[0] = now
+                control.report(("fista", int(update.iteration), float(update.objective)))
         return control.cancelled()
 
-    return recover(frame, psf, method="fista", lam=lam, iterations=iterations, tol=tol, restart=restart,
-                   device=device, n_channels=n_channels, progress=on_progress)
+    result = recover(frame, psf, method="fista", lam=lam, iterations=iterations, tol=tol, restart=restart,
+                     device=device, n_channels=n_channels, progress=on_progress)
+    result.info["fista_times"] = times
+    return result
 
 
 def _compare_work(control, frame, psf, lam, iterations, tol, restart, device, n_channels, model, compare):
     out = {"fista": fista_frame(control, frame, psf, lam, iterations, tol, restart, device, n_channels)}
     if compare:
         control.report(("spodnet", None, None))
-        out["spodnet"] = recover(frame, None, method="spodnet", model=model, device=device, lam=lam,
+        # the chosen PSF, so that the network's objective is measured on FISTA's problem
+        out["spodnet"] = recover(frame, psf, method="spodnet", model=model, device=device, lam=lam,
                                  n_channels=n_channels, progress=lambda _p: control.cancelled())
     return out
+
+
+def equal_objective_comparison(fista_res: RecoveryResult, spod_res: RecoveryResult):
+    """:func:`core.compare.compare_at_equal_objective` for the two results of one comparison run."""
+    history = np.asarray(fista_res.info.get("fista_history"), dtype=float).reshape(-1)
+    times = fista_res.info.get("fista_times")
+    return compare_at_equal_objective(float(spod_res.objective), float(spod_res.seconds), history,
+                                      times if times is not None and len(times) == history.size else None,
+                                      float(fista_res.seconds))
 
 
 class FistaWidget(JobWidget):
@@ -80,8 +107,9 @@ class FistaWidget(JobWidget):
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(napari_viewer, parent)
-        self._hidden_by_us: list = []
+        self._hidden_keys: list = []  # layers the side-by-side view hid (by layer_key), shown again on leaving
         self.results: dict = {}
+        self.comparison = None
         self.comparison_layers: dict = {}
         s = self.settings
 
@@ -144,38 +172,54 @@ class FistaWidget(JobWidget):
             return None
         layer = self.observation_picker.layer()
         if layer is None:
-            notify_error("FISTA: choose an observation layer.")
+            self.refuse("choose an observation layer.")
             return None
         s = self.settings
         problem = observation_problem(layer.data.shape, s.n_channels)
         if problem:
-            notify_error(f"FISTA: {problem}")
+            self.refuse(problem)
             return None
         psf_layer = self.psf_picker.layer()
         if psf_layer is None:
-            notify_error("FISTA needs a PSF: choose a PSF layer (any 2-D image, e.g. a measured bead).")
+            self.refuse("FISTA needs a PSF: choose a PSF layer (a 2-D image or a z-stack, e.g. a measured bead).")
+            return None
+        try:
+            psf = psf_array(psf_layer)
+        except Exception as exc:
+            self.refuse(f"PSF '{psf_layer.name}': {error_message(exc)}")
+            return None
+        frame_index = current_frame(self.viewer, layer) if layer.ndim == 4 else None
+        frame = layer.data[frame_index] if frame_index is not None else layer.data
+        problem = value_problem(frame)
+        if problem:
+            self.refuse(f"'{layer.name}': {problem}")
             return None
         model, compare = None, bool(s.compare_spodnet)
-        if compare:
+        if compare:  # every reason not to compare is found before FISTA starts
             try:
                 model = self.model_picker.model_argument()
             except Exception as exc:
-                notify_warning(f"SPoD-Net comparison skipped: {error_message(exc)}")
-                compare = False
-        frame_index = current_frame(self.viewer, layer) if layer.ndim == 4 else None
-        frame = layer.data[frame_index] if frame_index is not None else layer.data
+                self.refuse(f"{error_message(exc)} (or untick 'compare with SPoD-Net').")
+                return None
+            wanted = self.model_picker.model_psf_shape()
+            if wanted is not None and tuple(psf.shape) != wanted:
+                self.refuse(f"the model was trained for a {wanted[0]} x {wanted[1]} PSF, the chosen PSF "
+                            f"'{psf_layer.name}' is {psf.shape[0]} x {psf.shape[1]}: the two would not solve the "
+                            "same problem. Choose a model trained for this PSF, or untick 'compare with SPoD-Net'.")
+                return None
         iterations = int(s.fista_iterations)
         self._iterations = iterations
         self._source = layer
         self._frame_index = frame_index
         self._compare_model_text = self.model_picker.describe() if compare else None
         self.plot.clear()
+        self.result_label.setText("")
         self.progress.set_fraction(0)
         self.progress.set_text("FISTA…")
         self.run_button.setText("Cancel")
         self._job = Job(self, title="FISTA comparison", on_progress=self._on_progress, on_result=self._on_result,
                         on_cancelled=self._on_cancelled, on_error=self._on_error, on_finished=self._on_finished)
-        return self._job.start_function(_compare_work, frame, psf_layer.data, float(s.lam), iterations,
+        return self._job.start_function(_compare_work, frame, psf, float(s.lam), iterations,
                                         float(s.fista_tol), bool(s.fista_restart), self.device_picker.device(),
                                         int(s.n_channels), model, compare)
 
@@ -198,18 +242,22 @@ class FistaWidget(JobWidget):
         layer, frame_index = self._source, self._frame_index
         fista_res = out["fista"]
         spod_res = out.get("spodnet")
-        xs, _ys = self.plot.series("FISTA")
-        if spod_res is not None and xs:
-            self.plot.set_series("SPoD-Net", [xs[0], xs[-1]], [spod_res.objective] * 2)
-        self.plot.flush()
-        self.show_side_by_side(layer, frame_index, fista_res, spod_res)
+        history = np.asarray(fista_res.info.get("fista_history"), dtype=float).reshape(-1)
+        if history.size:
+            self.plot.set_series("FISTA", np.arange(1, history.size + 1), history)
+        self.comparison = None
         lines = [self._summary("FISTA", fista_res)]
         if spod_res is not None:
-            lines.append(self._summary("SPoD-Net", spod_res))
-            if spod_res.seconds > 0:
-                lines.append(f"SPoD-Net was {fista_res.seconds / spod_res.seconds:.0f}x faster.")
-        text = "\n".join(lines)
-        self.result_label.setText(text)
+            self.plot.set_series("SPoD-Net", [1, max(history.size, 1)], [spod_res.objective] * 2)
+            self.comparison = equal_objective_comparison(fista_res, spod_res)
+            lines = self.comparison.lines()
+            mismatch = spod_res.info.get("psf_mismatch")
+            if mismatch is not None and mismatch > 0.05:
+                lines.append(f"The model was trained with another PSF (L1 difference {mismatch:.0%} from the "
+                             "chosen one): its objective is judged on the chosen PSF's problem.")
+        self.plot.flush()
+        self.show_side_by_side(layer, frame_index, fista_res, spod_res)
+        self.result_label.setText("\n".join(lines))
         self.progress.set_fraction(1)
         self.progress.set_text("Done.")
 
@@ -217,7 +265,7 @@ class FistaWidget(JobWidget):
     def _summary(name: str, res) -> str:
         its = res.info.get("fista_iterations")
         extra = f", {its[0]} iterations" if its else ""
-        return f"{name}: objective {res.objective:.6g}, {res.seconds:.2f} s{extra}"
+        return f"{name}: objective {res.objective:.6g}, {res.seconds:.2f} s{extra}."
 
     def show_side_by_side(self, layer, frame_index, fista_res, spod_res) -> dict:
         """Grid view: observation mean | FISTA | SPoD-Net | |FISTA − SPoD-Net| (intensities)."""
@@ -252,20 +300,22 @@ class FistaWidget(JobWidget):
                 f"SPoD-Net: L={spod_res.objective:.4g}, {spod_res.seconds:.2f} s", "intensity", spod_info,
                 role="cmp_spodnet", colormap="gray", contrast_limits=limits, visible=True, **place_spod)
             text += f"  |  SPoD-Net: L={spod_res.objective:.4g} in {spod_res.seconds:.2f} s"
+            if self.comparison is not None and self.comparison.fista_match_iteration is not None:
+                text += (f"  |  FISTA reached it at iteration {self.comparison.fista_match_iteration} "
+                         f"({self.comparison.speedup:.1f}x SPoD-Net's time)")
             if spod_res.intensity.shape == fista_res.intensity.shape:
                 diff = np.abs(fista_res.intensity - spod_res.intensity)
                 layers["difference"] = add_or_update_image(
                     viewer, diff, "|FISTA − SPoD-Net|", "difference", {**common, "methods": ["fista", "spodnet"]},
                     role="cmp_difference", colormap="magma", visible=True, **place_img)
-            else:
-                notify_warning(f"No difference image: the model's PSF ({spod_res.image.shape}) differs in size from "
-                               f"the chosen PSF ({fista_res.image.shape}).")
         order = [layers[k] for k in ("mean", "fista", "spodnet", "difference") if k in layers]
-        chosen = set(map(id, order))
+        chosen = {layer_key(lay) for lay in order}
+        if not self._hidden_keys:  # a second comparison keeps the first one's list of layers to restore
+            self._hidden_keys = [layer_key(other) for other in viewer.layers
+                                 if layer_key(other) not in chosen and other.visible]
         for other in viewer.layers:
-            if id(other) not in chosen and other.visible:
+            if layer_key(other) not in chosen:
                 other.visible = False
-                self._hidden_by_us.append(other)
         grid = grid_model(viewer)
         grid.enabled = True
         # reading order (top-left first): mean, FISTA, SPoD-Net, difference
@@ -280,24 +330,33 @@ class FistaWidget(JobWidget):
             overlay.visible = True
         except Exception:  # the overlay is a courtesy
             pass
+        viewer.reset_view()  # fit the grid into the canvas
+        show_scale_bar_if_physical(viewer, layer)
         self.leave_grid_button.setEnabled(True)
         self.comparison_layers = layers
         return layers
 
     def leave_grid(self) -> None:
-        grid_model(self.viewer).enabled = False
-        for layer in self._hidden_by_us:
-            if layer in self.viewer.layers:
+        """Back to the normal view: comparison layers hidden, the layers the comparison hid shown again."""
+        viewer = self.viewer
+        grid_model(viewer).enabled = False
+        comparison = {layer_key(lay) for lay in self.comparison_layers.values()}
+        hidden = set(self._hidden_keys)
+        for layer in viewer.layers:
+            key = layer_key(layer)
+            if key in comparison:
+                layer.visible = False
+            elif key in hidden:
                 layer.visible = True
-        self._hidden_by_us = []
+        self._hidden_keys = []
         try:
-            text_overlay(self.viewer).visible = False
+            text_overlay(viewer).visible = False
         except Exception:
             pass
+        viewer.reset_view()
         self.leave_grid_button.setEnabled(False)
 
     def _on_finished(self) -> None:
         self.run_button.setText("Run FISTA")
         if self.progress.bar.maximum() == 0:
             self.progress.set_fraction(0)
-

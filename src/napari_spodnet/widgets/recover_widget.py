@@ -11,27 +11,29 @@ the summed intensity and an orientation-coloured composite.
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QLabel, QPushButton, QVBoxLayout
+from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout
 
 from ..core.recover import RecoveryCancelled, RecoveryProgress, orientation_composite, recover
-from ._shared import (
-    JobWidget,
-    DevicePicker,
-    Job,
-    LayerPicker,
-    ModelSourcePicker,
-    ProgressRow,
+from ._controls import ProgressRow, make_spin
+from ._jobs import Job, JobWidget
+from ._layers import (
     add_or_update_image,
     current_frame,
-    error_message,
+    display_range,
     is_observation_candidate,
     is_psf_candidate,
-    make_spin,
-    notify_error,
     observation_problem,
+    plane_series,
+    psf_array,
     registered_placement,
+    series_plane_placement,
+    show_scale_bar_if_physical,
     spod_meta,
+    value_problem,
 )
+from ._legend import wheel_pixmap
+from ._notify import error_message
+from ._pickers import DevicePicker, LayerPicker, ModelSourcePicker
 
 
 def _recover_work(control, stack, model, psf, device: str, tile: int, n_channels: int):
@@ -47,6 +49,16 @@ def _recover_work(control, stack, model, psf, device: str, tile: int, n_channels
                      n_channels=n_channels, progress=progress)
     composite = orientation_composite(result.intensity, result.orientation)
     return result, composite
+
+
+def progress_wording(message: str) -> str:
+    """The core's progress message in plain words ("frames 3-3 of 8" -> "frame 3 of 8")."""
+    import re
+
+    match = re.fullmatch(r"frames (\d+)-(\d+) of (\d+)", message)
+    if match and match.group(1) == match.group(2):
+        return f"frame {match.group(1)} of {match.group(3)}"
+    return message
 
 
 def result_info(result, source_layer, model_text: str, frame: int | None) -> dict:
@@ -76,21 +88,38 @@ def result_info(result, source_layer, model_text: str, frame: int | None) -> dic
 
 def add_result_layers(viewer, result, composite, source_layer, info: dict, frame: int | None,
                       label: str = "SPoD-Net") -> dict:
-    """Add (or refresh) the stack, intensity and orientation layers, registered to ``source_layer``."""
+    """Add (or refresh) the stack, intensity and orientation layers, registered to ``source_layer``.
+
+    * (c, H, W) source: (c, h, w) stack, (h, w) intensity and (h, w, 3) composite;
+    * one frame of a (T, c, H, W) series: the same, without a t axis (named "t=<frame>");
+    * a whole series: (T, c, h, w) stack, and intensity / composite as (T, 1, h, w[, 3]) so
+      that napari puts them on the t axis and they follow the t slider
+      (:func:`._layers.series_plane_placement`).
+    """
     one_frame_of_series = frame is not None and source_layer.ndim == 4
-    lead_drop = (0,) if one_frame_of_series else ()
-    stack_place = registered_placement(source_layer, result.translate, drop=lead_drop)
-    flat_place = registered_placement(source_layer, result.translate, drop=lead_drop + (-3,))
-    series = result.image.ndim == 4
+    whole_series = result.image.ndim == 4
     base = source_layer.name + (f" t={frame}" if one_frame_of_series else "")
+    if whole_series:
+        stack_place = registered_placement(source_layer, result.translate)
+        flat_place = series_plane_placement(source_layer, result.translate)
+        intensity_data, composite_data = plane_series(result.intensity), plane_series(composite)
+        flat_labels = tuple(source_layer.axis_labels)
+    else:
+        lead_drop = (0,) if one_frame_of_series else ()
+        stack_place = registered_placement(source_layer, result.translate, drop=lead_drop)
+        flat_place = registered_placement(source_layer, result.translate, drop=lead_drop + (-3,))
+        intensity_data, composite_data = result.intensity, composite
+        flat_labels = ("y", "x")
     stack = add_or_update_image(
         viewer, result.image, f"{base} {label}", "recovered", info, visible=False, colormap="gray",
-        axis_labels=("t", "orientation", "y", "x") if series else ("orientation", "y", "x"), **stack_place)
+        axis_labels=("t", "orientation", "y", "x") if whole_series else ("orientation", "y", "x"), **stack_place)
     intensity = add_or_update_image(
-        viewer, result.intensity, f"{base} {label} intensity", "intensity", info, colormap="gray",
-        visible=False, **flat_place)
+        viewer, intensity_data, f"{base} {label} intensity", "intensity", info, colormap="gray",
+        visible=False, axis_labels=flat_labels, contrast_limits=display_range(intensity_data), **flat_place)
     orientation = add_or_update_image(
-        viewer, composite, f"{base} {label} orientation", "orientation", info, rgb=True, **flat_place)
+        viewer, composite_data, f"{base} {label} orientation", "orientation", info, rgb=True,
+        axis_labels=flat_labels, **flat_place)
+    show_scale_bar_if_physical(viewer, source_layer)
     return {"recovered": stack, "intensity": intensity, "orientation": orientation}
 
 
@@ -120,6 +149,17 @@ class RecoverWidget(JobWidget):
         self.progress = ProgressRow()
         self.result_label = QLabel("")
         self.result_label.setWordWrap(True)
+        # what the orientation composite's colours mean
+        self.legend = QLabel()
+        self.legend.setPixmap(wheel_pixmap(84))
+        self.legend_text = QLabel("Orientation composite: hue = dipole angle, brightness = intensity. "
+                                  "Angles counter-clockwise from the x axis (0° → red, 60° → green, "
+                                  "120° → blue); opposite sides of the ring are the same orientation.")
+        self.legend_text.setWordWrap(True)
+        legend_box = QGroupBox("Orientation colours")
+        legend_row = QHBoxLayout(legend_box)
+        legend_row.addWidget(self.legend)
+        legend_row.addWidget(self.legend_text, 1)
 
         model_box = QGroupBox("Model")
         QVBoxLayout(model_box).addWidget(self.model_picker)
@@ -136,6 +176,7 @@ class RecoverWidget(JobWidget):
         layout.addWidget(self.run_button)
         layout.addWidget(self.progress)
         layout.addWidget(self.result_label)
+        layout.addWidget(legend_box)
         layout.addStretch(1)
 
         self.observation_picker.currentIndexChanged.connect(self._update_frames_option)
@@ -151,25 +192,38 @@ class RecoverWidget(JobWidget):
             return None
         layer = self.observation_picker.layer()
         if layer is None:
-            notify_error("Recover: choose an observation layer.")
+            self.refuse("choose an observation layer.")
             return None
         n = self.settings.n_channels
         problem = observation_problem(layer.data.shape, n)
         if problem:
-            notify_error(f"Recover: {problem}")
+            self.refuse(problem)
             return None
         try:
             model = self.model_picker.model_argument()
         except Exception as exc:
-            notify_error(f"Recover: {error_message(exc)}")
+            self.refuse(error_message(exc))
             return None
         frame = None
         stack = layer.data
         if layer.ndim == 4 and not self.settings.all_frames:
             frame = current_frame(self.viewer, layer)
             stack = layer.data[frame]
+        problem = value_problem(stack)
+        if problem:
+            self.refuse(f"'{layer.name}': {problem}")
+            return None
         psf_layer = self.psf_picker.layer()
-        psf = None if psf_layer is None else psf_layer.data
+        try:
+            psf = None if psf_layer is None else psf_array(psf_layer)
+        except Exception as exc:
+            self.refuse(f"PSF '{psf_layer.name}': {error_message(exc)}")
+            return None
+        wanted = self.model_picker.model_psf_shape()
+        if psf is not None and wanted is not None and tuple(psf.shape) != wanted:
+            self.refuse(f"the model was trained for a {wanted[0]} x {wanted[1]} PSF; the PSF '{psf_layer.name}' is "
+                        f"{psf.shape[0]} x {psf.shape[1]}. Choose a model trained for this PSF, or no PSF check.")
+            return None
         model_text = self.model_picker.describe()
         self.run_button.setText("Cancel")
         self.progress.set_fraction(0)
@@ -199,7 +253,7 @@ class RecoverWidget(JobWidget):
         update = items[-1]
         if isinstance(update, RecoveryProgress):
             self.progress.set_fraction(update.fraction)
-            self.progress.set_text(f"{update.message} ({update.done}/{update.total})")
+            self.progress.set_text(progress_wording(update.message))
 
     def _on_finished(self) -> None:
         self.run_button.setText("Recover")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -29,24 +30,13 @@ from qtpy.QtWidgets import (
 from ..core.checkpoint import save_checkpoint
 from ..core.training import PRESETS, Trainer, TrainingConfig, TrainingError, TrainingProgress
 from ..core.validation import SPoDInputError
-from ._shared import (
-    JobWidget,
-    CurvePlot,
-    DevicePicker,
-    Job,
-    LayerListPicker,
-    LayerPicker,
-    ProgressRow,
-    error_message,
-    get_model_registry,
-    is_observation_candidate,
-    is_psf_candidate,
-    make_spin,
-    notify_error,
-    notify_info,
-    notify_warning,
-    observation_problem,
-)
+from ._controls import ProgressRow, make_spin
+from ._jobs import Job, JobWidget
+from ._layers import is_observation_candidate, is_psf_candidate, observation_problem, psf_array, value_problem
+from ._models import get_model_registry
+from ._notify import error_message, notify_error, notify_info, notify_warning
+from ._pickers import DevicePicker, LayerListPicker, LayerPicker
+from ._plots import CurvePlot
 
 #: TrainingConfig fields a preset sets, and the settings (= widget fields) they fill
 _PRESET_FIELDS = ("lr", "epochs", "batch_size", "n_crops", "crop_size")
@@ -77,11 +67,20 @@ class TrainWidget(JobWidget):
         self.layers_list = LayerListPicker(napari_viewer, is_observation_candidate, prefer_kind="observation")
         self.psf_picker = LayerPicker(napari_viewer, is_psf_candidate, shared_key="psf_layer", prefer_kind="psf")
         self.preset_combo = QComboBox()
-        for name in ("quick", "paper"):
+        tips = []
+        for name, preset in PRESETS.items():  # every preset core.training defines, with its cost where it says
             self.preset_combo.addItem(name, name)
+            description = preset.get("description") if isinstance(preset, dict) else None
+            if description:
+                self.preset_combo.setItemData(self.preset_combo.count() - 1, description, Qt.ItemDataRole.ToolTipRole)
+                tips.append(f"{name}: {description}")
         self.preset_combo.addItem("custom", "custom")
-        self.preset_combo.setToolTip("quick: a few minutes on a laptop CPU; paper: the paper's schedule (GPU hours); "
+        tips.append("custom: your own values.")
+        self.preset_combo.setToolTip("\n".join(tips) if len(tips) > 1 else
+                                     "quick: a few minutes on a laptop CPU; paper: the paper's schedule (GPU hours); "
                                      "custom: your own values.")
+        self.preset_description = QLabel("")
+        self.preset_description.setWordWrap(True)
         self.binder.bind("preset", self.preset_combo)
         self.n_layers_spin = self.binder.bind("n_layers", make_spin(1, 50, s.n_layers, tooltip="Network layers M."))
         self.alpha_spin = self.binder.bind("alpha", make_spin(0.0, 1.0, s.alpha, decimals=3, step=0.01,
@@ -116,6 +115,7 @@ class TrainWidget(JobWidget):
         cfg_box = QGroupBox("Settings")
         form = QFormLayout(cfg_box)
         form.addRow("preset", self.preset_combo)
+        form.addRow(self.preset_description)
         form.addRow("layers", self.n_layers_spin)
         form.addRow("α (LST leak)", self.alpha_spin)
         form.addRow("", self.momentum_check)
@@ -142,6 +142,7 @@ class TrainWidget(JobWidget):
             spin.valueChanged.connect(self._on_field_edited)
         self.start_button.clicked.connect(self.toggle)
         self.save_button.clicked.connect(self._save_dialog)
+        self._show_preset_description()
 
     # ------------------------------------------------------------------ presets
     def set_preset(self, name: str) -> None:
@@ -150,6 +151,12 @@ class TrainWidget(JobWidget):
 
     def _on_preset_chosen(self, _index: int) -> None:
         self._apply_preset(self.preset_combo.currentData())
+        self._show_preset_description()
+
+    def _show_preset_description(self) -> None:
+        preset = PRESETS.get(self.preset_combo.currentData())
+        description = preset.get("description") if isinstance(preset, dict) else None
+        self.preset_description.setText(description or "")
 
     def _apply_preset(self, name) -> None:
         if name not in PRESETS:
@@ -157,7 +164,8 @@ class TrainWidget(JobWidget):
         self._applying_preset = True
         try:
             for key in _PRESET_FIELDS:
-                setattr(self.settings, key, PRESETS[name][key])
+                if key in PRESETS[name]:
+                    setattr(self.settings, key, PRESETS[name][key])
         finally:
             self._applying_preset = False
 
@@ -165,7 +173,8 @@ class TrainWidget(JobWidget):
         if self._applying_preset:
             return
         preset = self.settings.preset
-        if preset in PRESETS and any(getattr(self.settings, k) != PRESETS[preset][k] for k in _PRESET_FIELDS):
+        if preset in PRESETS and any(getattr(self.settings, k) != PRESETS[preset][k] for k in _PRESET_FIELDS
+                                     if k in PRESETS[preset]):
             self.settings.preset = "custom"
 
     def config(self) -> TrainingConfig:
@@ -194,23 +203,28 @@ class TrainWidget(JobWidget):
             return None
         layers = self.layers_list.selected_layers()
         if not layers:
-            notify_error("Training: select one or more observation layers (the list under 'training layers').")
+            self.refuse("select one or more observation layers (the list under 'training layers').")
             return None
         psf_layer = self.psf_picker.layer()
         if psf_layer is None:
-            notify_error("Training: choose a PSF layer.")
+            self.refuse("choose a PSF layer.")
             return None
         n = self.settings.n_channels
         for layer in layers:
-            problem = observation_problem(layer.data.shape, n)
+            problem = observation_problem(layer.data.shape, n) or value_problem(layer.data)
             if problem:
-                notify_error(f"Training layer '{layer.name}': {problem}")
+                self.refuse(f"training layer '{layer.name}': {problem}")
                 return None
+        try:
+            psf = psf_array(psf_layer)
+        except Exception as exc:
+            self.refuse(f"PSF '{psf_layer.name}': {error_message(exc)}")
+            return None
         try:
             config = self.config()
             config.validate()
         except (SPoDInputError, TypeError, ValueError) as exc:
-            notify_error(f"Training settings: {error_message(exc)}")
+            self.refuse(f"settings: {error_message(exc)}")
             return None
         observations = [layer.data for layer in layers]
         self._sources = [layer.name for layer in layers]
@@ -221,7 +235,7 @@ class TrainWidget(JobWidget):
         self.start_button.setText("Stop")
         self._job = Job(self, title="Training", on_progress=self._on_progress, on_result=self._on_result,
                         on_cancelled=self._on_cancelled, on_error=self._on_error, on_finished=self._on_finished)
-        return self._job.start_generator(_train_work, observations, psf_layer.data, config,
+        return self._job.start_generator(_train_work, observations, psf, config,
                                          self.device_picker.device(), n)
 
     def _on_progress(self, items) -> None:
@@ -232,8 +246,12 @@ class TrainWidget(JobWidget):
             self.plot.append("train", self._epoch_count, p.train_loss)
             self.plot.append("validation", self._epoch_count, p.val_loss)
             self.progress.set_fraction(p.fraction)
-            self.progress.set_text(f"layer {p.layer}/{p.n_layers} · {p.stage} · epoch {p.epoch}/{p.epochs} — "
-                                   f"train {p.train_loss:.4g}, validation {p.val_loss:.4g} · {p.elapsed:.0f} s")
+            text = (f"layer {p.layer}/{p.n_layers} · {p.stage} · epoch {p.epoch}/{p.epochs} — "
+                    f"train {p.train_loss:.4g}, validation {p.val_loss:.4g} · {p.elapsed:.0f} s")
+            worth = getattr(p, "fista_equivalent", None)  # set by newer core.training versions
+            if worth is not None:
+                text += f" · worth {worth:.0f} FISTA iterations"
+            self.progress.set_text(text)
 
     def _on_result(self, out) -> None:
         net, cancelled = out["net"], out["cancelled"]
@@ -244,14 +262,19 @@ class TrainWidget(JobWidget):
         self.model_name = self.registry.add(net, info=info)
         net.metadata.setdefault("name", self.model_name)
         self.save_button.setEnabled(True)
-        what = "Stopped early; kept the best model so far" if cancelled else "Training finished"
         best = training.get("best_val_loss")
-        text = (f"{what}: {net.n_layers} layer(s) in {training.get('seconds', 0):.1f} s"
-                + (f", best validation loss {best:.4g}" if best is not None else "")
-                + f". Offered in the Recover widget as '{self.model_name}'.")
+        text = (f"{'Stopped early' if cancelled else 'Training finished'}: {net.n_layers} layer(s) in "
+                f"{training.get('seconds', 0):.1f} s" + (f", best validation loss {best:.4g}" if best is not None else ""))
+        if cancelled:
+            # a partial model is offered, never silently chosen in place of the user's model
+            text += (f". Kept the best model so far as '{self.model_name}': offered in Recover and FISTA "
+                     "comparison, but not selected there.")
+            self.progress.set_text(f"Stopped at {100 * self.progress.fraction():.0f} % of the schedule.")
+        else:
+            text += f". Selected in the Recover and FISTA comparison widgets as '{self.model_name}'."
+            self.progress.set_fraction(1.0)
+            self.progress.set_text("Done.")
         self.model_label.setText(text)
-        self.progress.set_fraction(1.0)
-        self.progress.set_text("Stopped early." if cancelled else "Done.")
         self.plot.flush()
         notify_info(text)
 

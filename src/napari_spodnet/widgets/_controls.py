@@ -1,0 +1,70 @@
+"""Small Qt controls shared by the dock widgets: spin boxes and a progress row."""
+
+from __future__ import annotations
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QDoubleSpinBox, QLabel, QProgressBar, QSpinBox, QVBoxLayout, QWidget
+
+
+def make_spin(minimum: float, maximum: float, value: float, *, decimals: int | None = None, step: float | None = None,
+              tooltip: str = "", suffix: str = "") -> QSpinBox | QDoubleSpinBox:
+    if decimals is None:
+        spin = QSpinBox()
+        spin.setRange(int(minimum), int(maximum))
+        spin.setValue(int(value))
+        if step:
+            spin.setSingleStep(int(step))
+    else:
+        spin = QDoubleSpinBox()
+        spin.setDecimals(decimals)
+        spin.setRange(minimum, maximum)
+        spin.setValue(value)
+        if step:
+            spin.setSingleStep(step)
+    if suffix:
+        spin.setSuffix(suffix)
+    if tooltip:
+        spin.setToolTip(tooltip)
+    spin.setKeyboardTracking(False)
+    return spin
+
+
+class ProgressRow(QWidget):
+    """A progress bar with a status line and a time readout."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.bar = QProgressBar()
+        self.bar.setRange(0, 1000)
+        self.bar.setValue(0)
+        self.bar.setTextVisible(True)
+        self.label = QLabel("")
+        self.label.setWordWrap(True)
+        self.label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        # a fixed height: a status text that changes 10 times a second must not re-lay-out the
+        # main window (each relayout resizes and redraws napari's canvas, which cost FISTA ~5x
+        # its headless speed in the GUI)
+        self.label.setFixedHeight(3 * self.label.fontMetrics().lineSpacing() + 4)
+        self.label.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.bar)
+        layout.addWidget(self.label)
+
+    def set_fraction(self, fraction: float) -> None:
+        self.bar.setRange(0, 1000)
+        self.bar.setValue(int(round(1000 * min(max(fraction, 0.0), 1.0))))
+
+    def set_busy(self) -> None:
+        self.bar.setRange(0, 0)
+
+    def set_text(self, text: str) -> None:
+        self.label.setText(text)
+
+    def text(self) -> str:
+        return self.label.text()
+
+    def fraction(self) -> float:
+        """The bar's value in [0, 1] (0 while busy)."""
+        maximum = self.bar.maximum()
+        return self.bar.value() / maximum if maximum > 0 else 0.0
