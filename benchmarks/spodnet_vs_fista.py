@@ -97,7 +97,7 @@ def run(args) -> dict:
     photons = (200.0,) if quick else PHOTONS
     threads = (1,) if quick else tuple(args.threads)
     n_iter = 40 if quick else args.fista_iterations
-    tiny = dict(n_layers=3, n_crops=4, batch_size=2, crop_size=24, n_val_crops=2, e2e_epochs=2, epochs=1,
+    tiny = dict(n_layers=3, n_crops=4, batch_size=2, crop_size=24, n_val_crops=2, epochs=1,
                 equivalent_iterations=20) if quick else {}
     train_obs, train_size = (3, 32) if quick else (9, 128)
     torch.set_num_threads(1)

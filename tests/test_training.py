@@ -391,7 +391,7 @@ def test_flip_needs_channel_mirror_for_physical_crops():
 
 # -- the end-to-end recipe (issue 10) -----------------------------------------------------------------
 
-E2E_TINY = dict(n_layers=3, n_crops=4, batch_size=2, crop_size=32, n_val_crops=2, e2e_epochs=3,
+E2E_TINY = dict(n_layers=3, n_crops=4, batch_size=2, crop_size=32, n_val_crops=2, epochs=3,
                 equivalent_iterations=40)
 
 
@@ -422,7 +422,7 @@ def test_end_to_end_quick_preset_reports_fista_equivalent(observations, psf):
 def test_fista_equivalent_is_the_matching_iteration(observations, psf):
     from napari_spodnet.core.solvers import fista
 
-    config = TrainingConfig.preset("quick", **{**E2E_TINY, "e2e_epochs": 1})
+    config = TrainingConfig.preset("quick", **{**E2E_TINY, "epochs": 1})
     trainer = Trainer(observations, psf, config, device="cpu")
     trainer.run()
     val = torch.as_tensor(random_crops(trainer.val_frames, config.n_val_crops, config.crop_size,
@@ -446,7 +446,7 @@ def test_fista_equivalent_interpolates_and_bounds():
 
 @pytest.mark.parametrize("overrides", [
     dict(untied=True, filter_lr=1e-5),
-    dict(schedule="layerwise+end-to-end", epochs=1, deep_supervision=0.5, log_loss=True),
+    dict(schedule="layerwise+end-to-end", epochs=1, e2e_epochs=2, deep_supervision=0.5, log_loss=True),
     dict(loss="supervised", supervised_iterations=20),
 ])
 def test_end_to_end_variants_run(observations, psf, overrides):
@@ -457,7 +457,7 @@ def test_end_to_end_variants_run(observations, psf, overrides):
 
 
 def test_bad_end_to_end_settings(observations, psf):
-    for bad in (dict(schedule="sideways"), dict(e2e_epochs=0), dict(scalar_lr=0.0),
+    for bad in (dict(schedule="sideways"), dict(schedule="layerwise+end-to-end", e2e_epochs=0), dict(scalar_lr=0.0),
                 dict(deep_supervision=1.5), dict(parameterization="exp"),
                 dict(architecture="listanet", untied=True)):
         with pytest.raises(SPoDInputError):

@@ -67,7 +67,7 @@ class TrainingConfig:
     parameterization: str = "multiplier"  # step/threshold multipliers as such, or "log" (can move by factors)
     untied: bool = False                 # SPoD-Net: own back-projection filters per layer (learned preconditioner)
     schedule: str = "layerwise"          # "layerwise" (Algorithm 1), "end-to-end", "layerwise+end-to-end"
-    e2e_epochs: int = 0                  # epochs of the end-to-end stage (cosine-decayed rate)
+    e2e_epochs: int = 0                  # epochs of the end-to-end stage (0 with schedule "end-to-end": ``epochs``)
     scalar_lr: float | None = None       # rate of steps, thresholds, momenta (None: lr)
     filter_lr: float | None = None       # rate of the filters in the end-to-end stage (None: lr); 0 freezes them
     deep_supervision: float = 0.0        # end-to-end: weight decay of earlier layers' objectives (0: last only)
@@ -111,8 +111,9 @@ class TrainingConfig:
             (self.shrink in ("lr-decay", "parameters"), f"shrink {self.shrink!r}"),
             (self.parameterization in ("multiplier", "log"), f"parameterization {self.parameterization!r}"),
             (self.schedule in SCHEDULES, f"schedule {self.schedule!r} (choose one of {SCHEDULES})"),
-            (self.schedule == "layerwise" or self.e2e_epochs >= 1,
-             "an end-to-end schedule needs e2e_epochs >= 1"),
+            (self.schedule != "layerwise+end-to-end" or self.e2e_epochs >= 1,
+             "schedule 'layerwise+end-to-end' needs e2e_epochs >= 1"),
+            (self.e2e_epochs >= 0, "e2e_epochs must be >= 0"),
             (self.scalar_lr is None or self.scalar_lr > 0, "scalar_lr must be > 0"),
             (self.filter_lr is None or self.filter_lr >= 0, "filter_lr must be >= 0"),
             (0 <= self.deep_supervision < 1, "deep_supervision must be in [0, 1)"),
@@ -136,11 +137,11 @@ _END_TO_END = dict(momentum=True, parameterization="log", schedule="end-to-end",
 
 #: Training presets (the GUI and CLI list them with :data:`PRESET_DESCRIPTIONS`).
 PRESETS = {
-    "quick": dict(_END_TO_END, lr=2e-3, batch_size=4, n_crops=24, crop_size=64, n_val_crops=4, e2e_epochs=50,
+    "quick": dict(_END_TO_END, lr=2e-3, batch_size=4, n_crops=24, crop_size=64, n_val_crops=4, epochs=50,
                   equivalent_iterations=300),
     # Untied back-projection filters at a small rate (larger rates made training collapse in the probes).
     "standard": dict(_END_TO_END, untied=True, filter_lr=3e-6, lr=2e-3, batch_size=8, n_crops=32, crop_size=64,
-                     n_val_crops=8, e2e_epochs=100, equivalent_iterations=400),
+                     n_val_crops=8, epochs=100, equivalent_iterations=400),
     "quick-layerwise": dict(lr=2e-3, epochs=6, batch_size=4, n_crops=24, crop_size=64, n_val_crops=4),
     "paper": dict(lr=1e-4, epochs=500, batch_size=20, n_crops=100, crop_size=96, n_val_crops=12),
 }
@@ -379,7 +380,9 @@ class Trainer:
         steps_per_epoch = max(1, int(np.ceil(cfg.n_crops / cfg.batch_size)))
         layerwise = cfg.schedule != "end-to-end"
         end_to_end = cfg.schedule != "layerwise"
-        total_epochs = (cfg.epochs * (2 * cfg.n_layers - 1) if layerwise else 0) + (cfg.e2e_epochs if end_to_end else 0)
+        # A pure end-to-end schedule counts its epochs in ``epochs`` unless e2e_epochs says otherwise.
+        e2e_epochs = (cfg.e2e_epochs or cfg.epochs) if cfg.schedule == "end-to-end" else cfg.e2e_epochs
+        total_epochs = (cfg.epochs * (2 * cfg.n_layers - 1) if layerwise else 0) + (e2e_epochs if end_to_end else 0)
         state = {"done": 0, "initial": None, "train": train, "targets": train_targets}
         scalar_lr = cfg.lr if cfg.scalar_lr is None else cfg.scalar_lr
         filter_lr = cfg.lr if cfg.filter_lr is None else cfg.filter_lr
@@ -464,10 +467,10 @@ class Trainer:
         if end_to_end:
             optimizer = torch.optim.Adam(self._groups(net.layers, scalar_lr, filter_lr))
             # Cosine decay to 5 % of the rate: large steps to move the schedule, small ones to settle it.
-            total_steps = max(cfg.e2e_epochs * steps_per_epoch, 1)
+            total_steps = max(e2e_epochs * steps_per_epoch, 1)
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda k: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(k / total_steps, 1.0))))
-            if (yield from epochs(optimizer, "end-to-end", cfg.e2e_epochs, cfg.n_layers, scheduler,
+            if (yield from epochs(optimizer, "end-to-end", e2e_epochs, cfg.n_layers, scheduler,
                                   cfg.deep_supervision)) == "cancelled":
                 return self._finish(start, cancelled=True)
         return self._finish(start, cancelled=False)
