@@ -400,7 +400,9 @@ class Trainer:
                         return "cancelled"
                     idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
                     target = None if state["targets"] is None else state["targets"][idx]
-                    loss = self._loss(net, state["train"][idx], target, n_layers, deep)
+                    # (subclasses in benchmarks/paper_experiments.py override _loss without ``deep``)
+                    loss = (self._loss(net, state["train"][idx], target, n_layers, deep) if deep
+                            else self._loss(net, state["train"][idx], target, n_layers))
                     if not torch.isfinite(loss):
                         raise TrainingError(f"Training diverged (loss {loss.item()}) at layer {n_layers}, {stage}; "
                                             f"lower the learning rate (now {cfg.lr:g}).")
