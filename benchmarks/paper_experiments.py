@@ -405,7 +405,7 @@ def fig6_settings(ctx: Ctx, args) -> dict:
 
 
 def fig6_config(ctx: Ctx, s: dict, lr: float = 1e-4, lam: float = DEFAULT_LAMBDA, **kw) -> TrainingConfig:
-    return TrainingConfig.preset("quick", lr=lr, epochs=s["epochs"], batch_size=s["batch_size"],
+    return TrainingConfig.preset("quick-layerwise", lr=lr, epochs=s["epochs"], batch_size=s["batch_size"],
                                  n_crops=s["n_crops"], crop_size=s["crop_size"], n_val_crops=s["n_val_crops"],
                                  lam=lam, seed=ctx.seed, **kw)
 
@@ -439,7 +439,7 @@ def fig7_settings(ctx: Ctx, args) -> dict:
 
 def fig7_config(ctx: Ctx, s: dict) -> TrainingConfig:
     extra = {"momentum": True} if s.get("momentum") else {}  # learned FISTA momentum (not in the paper)
-    return TrainingConfig.preset("quick", lr=s["lr"], epochs=s["epochs"], batch_size=s["batch_size"],
+    return TrainingConfig.preset("quick-layerwise", lr=s["lr"], epochs=s["epochs"], batch_size=s["batch_size"],
                                  n_crops=s["n_crops"], crop_size=s["crop_size"], n_val_crops=s["n_val_crops"],
                                  n_layers=s["layers"], lam=DEFAULT_LAMBDA, seed=ctx.seed, **extra)
 

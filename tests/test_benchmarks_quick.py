@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_experiments.py"
@@ -87,3 +88,19 @@ def test_truth_quick(experiments, tmp_path):
     for row in r["rows"]:
         assert 0 <= row["orientation_error_deg"] <= 90
         assert -1 <= row["ssim_intensity"] <= 1
+
+
+def test_spodnet_vs_fista_quick(tmp_path):
+    """benchmarks/spodnet_vs_fista.py --quick: every variant gets a FISTA-equivalent, a speed-up and a PSNR gap."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "spodnet_vs_fista.py"
+    spec = importlib.util.spec_from_file_location("spodnet_vs_fista", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--quick", "--out", str(tmp_path)])
+    assert len(result["variants"]) == 2 and len(result["cases"]) == 2
+    for case in result["cases"]:
+        assert np.isfinite(case["fista_best_psnr"])
+        for row in case["networks"].values():
+            assert row["fista_equivalent"] is None or row["fista_equivalent"] >= 1
+            assert np.isfinite(row["psnr_minus_fista_best"]) and row["seconds_1t"] > 0
+    assert (tmp_path / "spodnet_vs_fista.md").read_text().count("|") > 20

@@ -4,6 +4,8 @@ The central check (method.md section 6): an untrained network with ``alpha = 0``
 exactly ``M`` ISTA iterations, so it must equal :func:`ista` to float64 precision.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -359,3 +361,87 @@ def test_momentum_survives_a_checkpoint(tmp_path):
     assert loaded.momentum and float(loaded.layers[2].mu) == pytest.approx(0.7)
     y = torch.rand(18, 12, 12)
     assert torch.equal(loaded.recover(y), net.recover(y))
+
+
+# -- log-space schedules and untied back-projection filters (issue 10) -----------------------------
+
+@pytest.mark.parametrize("untied", [False, True])
+def test_untrained_log_parameterised_network_equals_fista_without_restart(untied):
+    from napari_spodnet.core.solvers import fista
+
+    rng = np.random.default_rng(6)
+    op = SPoDOperator(rng.random((5, 7)), 18, dtype=torch.float64)
+    y = torch.tensor(rng.random((18, 16, 19)))
+    net = SPoDNet.from_operator(op, n_layers=4, lam=0.3, alpha=0.0, momentum=True, parameterization="log",
+                                untied=untied)
+    assert all(float(layer.eta) == 0.0 and float(layer.step_multiplier()) == 1.0 for layer in net.layers)
+    reference = fista(op, y, 0.3, max_iter=4, tol=0, restart=False).x
+    assert torch.allclose(net.recover(y), reference, rtol=0, atol=1e-9 * float(reference.abs().max()))
+    with torch.enable_grad():  # the autograd path computes the same thing
+        assert torch.allclose(net(y), reference, rtol=0, atol=1e-9 * float(reference.abs().max()))
+
+
+def test_log_parameters_move_by_factors():
+    net = SPoDNet(np.ones((5, 5)), 18, n_layers=2, parameterization="log")
+    with torch.no_grad():
+        net.layers[1].eta.fill_(math.log(3.0))
+        net.layers[1].theta.fill_(math.log(0.5))
+    assert float(net.layers[1].step_multiplier()) == pytest.approx(3.0)
+    assert float(net.layers[1].threshold_multiplier()) == pytest.approx(0.5)
+    # the step and threshold act as multipliers of ISTA's: a prefix with a tripled step differs
+    y = torch.rand(18, 12, 12, dtype=torch.float32)
+    assert not torch.allclose(net.recover(y), SPoDNet(np.ones((5, 5)), 18, n_layers=2).recover(y))
+
+
+def test_untied_adjoint_filters_are_used_and_trainable():
+    net = SPoDNet(gaussian_psf(7, 1.2), 18, n_layers=2, untied=True, momentum=True, parameterization="log")
+    layer = net.layers[0]
+    names = {n for n, _ in layer.named_parameters()}
+    assert {"g", "h", "g_adj", "h_adj", "eta", "theta", "mu"} == names
+    assert {id(p) for p in layer.scalar_parameters()} == {id(layer.eta), id(layer.theta), id(layer.mu)}
+    assert len(layer.filter_parameters()) == 4
+    y = torch.rand(18, 12, 12)
+    before = net.recover(y).clone()
+    with torch.no_grad():
+        net.layers[1].g_adj.mul_(1.5)
+    assert not torch.allclose(net.recover(y), before)  # the cache saw the change
+    net(y).sum().backward()
+    assert net.layers[1].g_adj.grad is not None and torch.isfinite(net.layers[1].g_adj.grad).all()
+
+
+def test_new_options_round_trip_through_a_checkpoint(tmp_path):
+    from napari_spodnet.core.checkpoint import load_checkpoint, save_checkpoint
+
+    net = SPoDNet(gaussian_psf(7, 1.2), 18, n_layers=3, untied=True, momentum=True, parameterization="log")
+    with torch.no_grad():
+        net.layers[2].eta.fill_(1.2)
+        net.layers[1].g_adj.mul_(0.9)
+    config = net.config()
+    assert config["parameterization"] == "log" and config["untied"] is True
+    assert all(isinstance(v, (int, float, bool, str, list)) for v in config.values())
+    loaded = load_checkpoint(save_checkpoint(net, tmp_path / "m.safetensors"))
+    y = torch.rand(18, 10, 10)
+    assert torch.allclose(loaded.recover(y), net.recover(y), atol=1e-6)
+
+
+def test_checkpoint_from_before_issue_10_still_loads():
+    """The default model shipped before log-space schedules (no 'parameterization'/'untied' in its header)."""
+    from pathlib import Path
+
+    from napari_spodnet.core.checkpoint import load_checkpoint, read_checkpoint_metadata
+
+    path = Path(__file__).parent / "data" / "default_model_v0.safetensors"
+    config, _ = read_checkpoint_metadata(path)
+    assert "parameterization" not in config and "untied" not in config
+    net = load_checkpoint(path)
+    assert net.parameterization == "multiplier" and not net.untied and net.momentum
+    # its multipliers are stored as such (near 1), not as logarithms
+    assert all(0.5 < float(layer.step_multiplier()) < 2 for layer in net.layers)
+    y = torch.rand(18, 40, 40)
+    x = net.recover(y)
+    assert x.shape == (18, 71, 71) and torch.isfinite(x).all()
+
+
+def test_bad_parameterization_rejected():
+    with pytest.raises(SPoDInputError, match="parameterization"):
+        SPoDNet(np.ones((3, 3)), 18, n_layers=1, parameterization="exp")

@@ -39,7 +39,7 @@ def observations(psf):
 
 
 def _train(observations, psf, callback=None, **overrides):
-    return train_spodnet(observations, psf, preset="quick", callback=callback, device="cpu",
+    return train_spodnet(observations, psf, preset="quick-layerwise", callback=callback, device="cpu",
                          **{**TINY, **overrides})
 
 
@@ -87,7 +87,7 @@ def _validation_crops(observations, psf, config):
 def test_training_lowers_validation_objective(trained, observations, psf):
     """The trained network beats its own initialisation (2 ISTA steps) on the validation crops."""
     net, history = trained
-    config = TrainingConfig.preset("quick", **TINY)
+    config = TrainingConfig.preset("quick-layerwise", **TINY)
     val = _validation_crops(observations, psf, config)
     op = SPoDOperator(psf, C)
     untrained = SPoDNet(psf, C, n_layers=2, lam=config.lam, alpha=config.alpha, lipschitz=op.lipschitz_bound())
@@ -107,10 +107,10 @@ def test_metadata_records_normalization_and_training(trained):
     assert meta["preprocess"] is None
     t = meta["training"]
     # The record keeps what differs from the defaults; together they give the whole configuration.
-    expected_cfg = asdict(TrainingConfig.preset("quick", lam=DEFAULT_LAMBDA, **TINY))
+    expected_cfg = asdict(TrainingConfig.preset("quick-layerwise", lam=DEFAULT_LAMBDA, **TINY))
     assert {**asdict(TrainingConfig()), **t["config"]} == expected_cfg
     assert "loss" not in t["config"]  # a default, not repeated
-    assert t["config"]["preset_name"] == "quick" and t["config"]["n_layers"] == 2
+    assert t["config"]["preset_name"] == "quick-layerwise" and t["config"]["n_layers"] == 2
     assert t["cancelled"] is False
     assert t["layers_trained"] == 2
     assert t["device"] == "cpu"
@@ -168,14 +168,14 @@ def test_cancel_returns_best_not_latest(observations, psf):
     best = min(p.val_loss for p in seen)
     assert net.metadata["training"]["cancelled"] is True
     assert net.metadata["training"]["best_val_loss"] == best
-    config = TrainingConfig.preset("quick", **{**TINY, "lr": 0.05})
+    config = TrainingConfig.preset("quick-layerwise", **{**TINY, "lr": 0.05})
     val = _validation_crops(observations, psf, config)
     op = SPoDOperator(psf, C)
     assert float(op.objective(val, net.recover(val), config.lam).mean()) == pytest.approx(best, rel=1e-4)
 
 
 def test_trainer_generator_and_cancel_between_layers(observations, psf):
-    config = TrainingConfig.preset("quick", **TINY)
+    config = TrainingConfig.preset("quick-layerwise", **TINY)
     trainer = Trainer(observations, psf, config, device="cpu")
     gen = trainer.run_iter()
     updates = []
@@ -191,7 +191,7 @@ def test_trainer_generator_and_cancel_between_layers(observations, psf):
 
 
 def test_cancel_before_any_update_raises(observations, psf):
-    trainer = Trainer(observations, psf, TrainingConfig.preset("quick", **TINY), device="cpu")
+    trainer = Trainer(observations, psf, TrainingConfig.preset("quick-layerwise", **TINY), device="cpu")
     trainer.cancel()
     gen = trainer.run_iter()
     try:
@@ -257,7 +257,7 @@ def test_preprocess_recorded(observations, psf):
 
 def test_time_series_and_validation_observations(psf):
     series = simulate_time_series(3, (48, 48), psf=psf).observation
-    config = TrainingConfig.preset("quick", **TINY)
+    config = TrainingConfig.preset("quick-layerwise", **TINY)
     frames = prepare_observations(series, psf.shape, C, config)
     assert len(frames) == 3 and frames[0].shape == (C, 48, 48)
     val = simulate((40, 40), psf=psf, seed=9).observation
@@ -268,7 +268,7 @@ def test_time_series_and_validation_observations(psf):
 def test_asymmetric_psf_disables_flips(observations):
     psf = np.zeros((9, 9), dtype=np.float32)
     psf[4, 4], psf[4, 6], psf[2, 3] = 1.0, 0.5, 0.3
-    trainer = Trainer(observations, psf, TrainingConfig.preset("quick", **TINY), device="cpu")
+    trainer = Trainer(observations, psf, TrainingConfig.preset("quick-layerwise", **TINY), device="cpu")
     assert trainer.flips is False
 
 
@@ -387,3 +387,78 @@ def test_flip_needs_channel_mirror_for_physical_crops():
         assert len(hits) == 1
         seen.add(hits[0])
     assert seen == {0, 1, 2, 3}
+
+
+# -- the end-to-end recipe (issue 10) -----------------------------------------------------------------
+
+E2E_TINY = dict(n_layers=3, n_crops=4, batch_size=2, crop_size=32, n_val_crops=2, epochs=3,
+                equivalent_iterations=40)
+
+
+def test_presets_are_described_and_valid():
+    from napari_spodnet.core.training import PRESET_DESCRIPTIONS
+
+    assert set(PRESET_DESCRIPTIONS) == set(PRESETS) >= {"quick", "standard", "quick-layerwise", "paper"}
+    for name in PRESETS:
+        TrainingConfig.preset(name).validate()
+        assert "min" in PRESET_DESCRIPTIONS[name] or "hour" in PRESET_DESCRIPTIONS[name]
+    # the paper's Algorithm 1 stays available exactly
+    paper = TrainingConfig.preset("paper")
+    assert paper.schedule == "layerwise" and paper.parameterization == "multiplier" and not paper.untied
+
+
+def test_end_to_end_quick_preset_reports_fista_equivalent(observations, psf):
+    net, history = train_spodnet(observations, psf, preset="quick", device="cpu", **E2E_TINY)
+    assert net.parameterization == "log" and net.momentum and net.n_layers == 3
+    updates = [h for h in history if h.stage == "end-to-end"]
+    assert len(updates) == 3
+    for h in updates:
+        assert h.fista_equivalent is not None and 1.0 <= h.fista_equivalent <= 40
+        assert "FISTA iterations" in h.message
+    # the schedule moved away from FISTA's (log multipliers no longer 0)
+    assert any(abs(float(layer.eta)) > 1e-3 for layer in net.layers)
+
+
+def test_fista_equivalent_is_the_matching_iteration(observations, psf):
+    from napari_spodnet.core.solvers import fista
+
+    config = TrainingConfig.preset("quick", **{**E2E_TINY, "epochs": 1})
+    trainer = Trainer(observations, psf, config, device="cpu")
+    trainer.run()
+    val = torch.as_tensor(random_crops(trainer.val_frames, config.n_val_crops, config.crop_size,
+                                       np.random.default_rng(config.seed + 1), False))
+    ref = fista(trainer.op, val, config.lam, max_iter=40, tol=0).history.mean(axis=1)
+    with torch.no_grad():
+        value = float(trainer.op.objective(val, trainer.net(val), config.lam).mean())
+    k = int(np.argmax(ref <= value)) + 1 if (ref <= value).any() else 40
+    assert trainer.history[-2].fista_equivalent == pytest.approx(k, abs=1.0)
+
+
+def test_fista_equivalent_interpolates_and_bounds():
+    from napari_spodnet.core.training import fista_equivalent_iterations
+
+    history = np.array([10.0, 6.0, 4.0, 3.0])
+    assert fista_equivalent_iterations(6.0, history) == 2.0
+    assert fista_equivalent_iterations(5.0, history) == pytest.approx(2.5)
+    assert fista_equivalent_iterations(20.0, history) == 1.0
+    assert fista_equivalent_iterations(1.0, history) == 4.0  # never reached: a lower bound
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(untied=True, filter_lr=1e-5),
+    dict(schedule="layerwise+end-to-end", epochs=1, e2e_epochs=2, deep_supervision=0.5, log_loss=True),
+    dict(loss="supervised", supervised_iterations=20),
+])
+def test_end_to_end_variants_run(observations, psf, overrides):
+    net, history = train_spodnet(observations, psf, preset="quick", device="cpu", **{**E2E_TINY, **overrides})
+    assert history[-1].stage == "done" and np.isfinite(history[-1].val_loss)
+    if overrides.get("untied"):
+        assert net.untied and not torch.equal(net.layers[0].g_adj, net.layers[0].g)
+
+
+def test_bad_end_to_end_settings(observations, psf):
+    for bad in (dict(schedule="sideways"), dict(schedule="layerwise+end-to-end", e2e_epochs=0), dict(scalar_lr=0.0),
+                dict(deep_supervision=1.5), dict(parameterization="exp"),
+                dict(architecture="listanet", untied=True)):
+        with pytest.raises(SPoDInputError):
+            train_spodnet(observations, psf, preset="quick", device="cpu", **{**E2E_TINY, **bad})

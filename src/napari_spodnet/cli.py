@@ -239,16 +239,23 @@ def demo_headless(out: Path, size: int = 256, seed: int = 0, iterations: int = 1
     for name, sec, obj, path in rows:
         print(f"{name:<10} {sec:9.3f} {obj:12.6g}  {path}")
     if "SPoD-Net" in results:
+        from .core.compare import compare_at_equal_objective, psnr
+
         net_res = results["SPoD-Net"]
-        n_iter = fista_result.info["fista_iterations"][0]
-        speed = fista_result.seconds / max(net_res.seconds, 1e-9)
-        print(f"SPoD-Net was {speed:.0f}x faster than {n_iter} FISTA iterations")
         history = np.asarray(fista_result.info["fista_history"]).reshape(-1)
-        reached = np.nonzero(history <= net_res.objective)[0]
-        if reached.size:
-            k = int(reached[0]) + 1
-            print(f"FISTA reaches SPoD-Net's objective after {k} iterations "
-                  f"(about {fista_result.seconds * k / n_iter:.2f} s)")
+        times = fista_result.info.get("fista_times")
+
+        def intensity_psnr(res):
+            est, true = np.asarray(res.intensity, dtype=np.float64), sim.truth.sum(axis=0).astype(np.float64)
+            scale = float((est * true).sum() / max((est * est).sum(), 1e-30))  # least-squares scale to photons
+            return psnr(scale * est, true)
+
+        comparison = compare_at_equal_objective(
+            net_res.objective, net_res.seconds, history,
+            fista_times=None if times is None else np.asarray(times).reshape(-1),
+            fista_seconds=fista_result.seconds, network_psnr=intensity_psnr(net_res),
+            fista_psnr=intensity_psnr(fista_result))
+        print("\n".join(comparison.lines()))
     png = out / "comparison.png"
     save_comparison_png(png, sim.observation, results, truth=sim.truth)
     print(f"side-by-side picture: {png}")
@@ -339,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("observations", nargs="+")
     p.add_argument("--psf", required=True)
     p.add_argument("-o", "--output", required=True, help="checkpoint (.safetensors)")
-    p.add_argument("--preset", default="quick", choices=["quick", "paper"])
+    from .core.training import PRESET_DESCRIPTIONS, PRESETS
+
+    p.add_argument("--preset", default="quick", choices=list(PRESETS),
+                   help="; ".join(f"{name}: {PRESET_DESCRIPTIONS[name]}" for name in PRESETS))
     p.add_argument("--lam", type=float, default=None)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)

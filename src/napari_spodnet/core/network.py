@@ -34,6 +34,10 @@ from .validation import SPoDInputError, check_psf
 
 THRESHOLDS = ("lst", "nst")
 ORIENTATIONS = ("harmonic", "full")
+#: How a layer stores its step and threshold multipliers: ``"multiplier"`` (the multiplier itself,
+#: the package's original form; Adam moves it by ~lr per step, so it stays near 1) or ``"log"``
+#: (its logarithm: Adam moves it by a *factor* ~exp(lr) per step, so schedules can move by factors).
+PARAMETERIZATIONS = ("multiplier", "log")
 
 
 def leaky_soft_threshold(z: torch.Tensor, theta: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -46,22 +50,49 @@ def leaky_soft_threshold(z: torch.Tensor, theta: torch.Tensor, alpha: float) -> 
 
 class _Layer(nn.Module):
     """Step and threshold of one layer, learned as multipliers of their ISTA values
-    (so that Adam's learning rate means a relative change whatever the intensity scale)."""
+    (so that Adam's learning rate means a relative change whatever the intensity scale).
 
-    def __init__(self):
+    With ``parameterization="log"`` the parameters ``eta`` and ``theta`` hold the logarithms
+    of the multipliers (0 = the ISTA value)."""
+
+    def __init__(self, parameterization: str = "multiplier"):
         super().__init__()
-        self.eta = nn.Parameter(torch.tensor(1.0))
-        self.theta = nn.Parameter(torch.tensor(1.0))
+        self.log_space = parameterization == "log"
+        init = 0.0 if self.log_space else 1.0
+        self.eta = nn.Parameter(torch.tensor(init))
+        self.theta = nn.Parameter(torch.tensor(init))
+
+    def step_multiplier(self) -> torch.Tensor:
+        """The step as a multiple of ISTA's step ``1 / ||A||^2``."""
+        return self.eta.exp() if self.log_space else self.eta
+
+    def threshold_multiplier(self) -> torch.Tensor:
+        """The threshold as a multiple of ISTA's ``lam / ||A||^2``."""
+        return self.theta.exp() if self.log_space else self.theta
+
+    def scalar_parameters(self) -> list:
+        """Step, threshold and (with momentum) extrapolation weight: the layer's schedule."""
+        return [p for name, p in self.named_parameters() if name in ("eta", "theta", "mu")]
+
+    def filter_parameters(self) -> list:
+        """Everything else: the layer's filters."""
+        return [p for name, p in self.named_parameters() if name not in ("eta", "theta", "mu")]
 
     def ops(self, image_hw):  # pragma: no cover - abstract
         raise NotImplementedError
 
 
 class SPoDLayer(_Layer):
-    def __init__(self, psf: torch.Tensor, n_channels: int, orientation: str, n_harmonics: int):
-        super().__init__()
+    """One SPoD-Net layer. ``untied``: the gradient step back-projects the residual with its own
+    filters ``g_adj``, ``h_adj`` (a learned preconditioner, initialised at the PSF and cos^2) instead
+    of the transpose of ``g``, ``h``; the cost (FFTs per layer) is unchanged."""
+
+    def __init__(self, psf: torch.Tensor, n_channels: int, orientation: str, n_harmonics: int,
+                 parameterization: str = "multiplier", untied: bool = False):
+        super().__init__(parameterization)
         self.n_channels = n_channels
         self.orientation = orientation
+        self.untied = bool(untied)
         self.g = nn.Parameter(psf.detach().clone())
         c = n_channels
         if orientation == "harmonic":
@@ -76,26 +107,36 @@ class SPoDLayer(_Layer):
         else:
             d = torch.arange(c, dtype=torch.float64)
             self.h = nn.Parameter(torch.cos(math.pi * d / c).pow(2).to(psf.dtype))
+        if self.untied:
+            self.g_adj = nn.Parameter(self.g.detach().clone())
+            self.h_adj = nn.Parameter(self.h.detach().clone())
 
     def orientation_filter(self) -> torch.Tensor:
         """h as a length-c vector ``h[d]``, d = 0..c-1."""
         return self.h @ self.basis if self.orientation == "harmonic" else self.h
 
+    def _factors(self, h: torch.Tensor):
+        if self.orientation == "harmonic":
+            return harmonic_left_factor(h, self.n_channels), self.basis
+        return circulant(h), None
+
     def ops(self, image_hw):
         s = fft_shape(tuple(int(v) for v in image_hw))
         g_spec = torch.fft.rfft2(self.g, s=s)
-        if self.orientation == "harmonic":
-            left, right = harmonic_left_factor(self.h, self.n_channels), self.basis
+        left, right = self._factors(self.h)
+        if self.untied:
+            g_adj_spec = torch.fft.rfft2(self.g_adj, s=s)
+            left_adj, right_adj = self._factors(self.h_adj)
         else:
-            left, right = circulant(self.h), None
+            g_adj_spec, left_adj, right_adj = g_spec, left, right
         shape = tuple(self.g.shape)
         return (lambda x: SeparableSPoDConv.forward(x, g_spec, left, right, shape),
-                lambda r: SeparableSPoDConv.adjoint(r, g_spec, left, right, shape))
+                lambda r: SeparableSPoDConv.adjoint(r, g_adj_spec, left_adj, right_adj, shape))
 
 
 class LISTALayer(_Layer):
-    def __init__(self, psf: torch.Tensor, n_channels: int):
-        super().__init__()
+    def __init__(self, psf: torch.Tensor, n_channels: int, parameterization: str = "multiplier"):
+        super().__init__(parameterization)
         from .physics import mixing_matrix
 
         mix = torch.as_tensor(mixing_matrix(n_channels), dtype=psf.dtype, device=psf.device)
@@ -126,9 +167,12 @@ class UnrolledISTA(nn.Module):
 
     def __init__(self, psf, n_channels: int = 18, n_layers: int = 10, lam: float = 0.05, alpha: float = 0.1,
                  threshold: str = "lst", lipschitz: float | None = None, dtype=torch.float32,
-                 momentum: bool = False):
+                 momentum: bool = False, parameterization: str = "multiplier"):
         super().__init__()
         self.momentum = bool(momentum)
+        if parameterization not in PARAMETERIZATIONS:
+            raise SPoDInputError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        self.parameterization = parameterization
         if threshold not in THRESHOLDS:
             raise SPoDInputError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
         if n_layers < 0:
@@ -187,10 +231,12 @@ class UnrolledISTA(nn.Module):
         return ops
 
     def forward(self, y: torch.Tensor, n_layers: int | None = None, post_threshold: bool = True,
-                size_ratio: float | None = None) -> torch.Tensor:
+                size_ratio: float | None = None, intermediate: bool = False):
         """Recover images: (..., c, H, W) -> (..., c, H+a-1, W+b-1), non-negative unless told otherwise.
 
         ``size_ratio`` overrides ``A / B`` (used when a tile stands for a larger image).
+        ``intermediate`` (with autograd only): return the list of every layer's output
+        (post-thresholded as the last), for per-layer (deep) supervision.
         """
         if y.ndim < 3 or y.shape[-3] != self.n_channels:
             raise SPoDInputError(f"expected (..., {self.n_channels}, H, W), got {tuple(y.shape)}")
@@ -201,19 +247,24 @@ class UnrolledISTA(nn.Module):
         image_hw = (y.shape[-2] + a - 1, y.shape[-1] + b - 1)
         if size_ratio is None:
             size_ratio = (y.shape[-2] * y.shape[-1]) / (image_hw[0] * image_hw[1])  # A / B
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not intermediate:
             return self._forward_inplace(y, n_layers, image_hw, size_ratio, post_threshold)
         x = x_prev = z = None
+        outputs = []
         for m in range(n_layers):
             layer = self.layers[m]
             fwd, adj = self._ops(m, image_hw)
-            eta = layer.eta * self.eta_scale
-            theta = layer.theta * self.theta_scale * size_ratio
+            eta = layer.step_multiplier() * self.eta_scale
+            theta = layer.threshold_multiplier() * self.theta_scale * size_ratio
             v = -eta * adj(-y) if z is None else z - eta * adj(fwd(z) - y)
             x = leaky_soft_threshold(v, theta, self.alpha)
             # Learned FISTA momentum: the next layer starts from an extrapolated point.
             z = x if not self.momentum or x_prev is None else x + layer.mu * (x - x_prev)
             x_prev = x
+            if intermediate:
+                outputs.append(torch.clamp(x, min=0) if post_threshold else x)
+        if intermediate:
+            return outputs
         return torch.clamp(x, min=0) if post_threshold else x
 
     def _forward_inplace(self, y, n_layers, image_hw, size_ratio, post_threshold):
@@ -223,8 +274,8 @@ class UnrolledISTA(nn.Module):
         for m in range(n_layers):
             layer = self.layers[m]
             fwd, adj = self._ops(m, image_hw)
-            eta = float(layer.eta * self.eta_scale)
-            theta = float(layer.theta * self.theta_scale * size_ratio)
+            eta = float(layer.step_multiplier() * self.eta_scale)
+            theta = float(layer.threshold_multiplier() * self.theta_scale * size_ratio)
             if z is None:
                 v = adj(y).mul_(eta)
             else:
@@ -248,7 +299,7 @@ class UnrolledISTA(nn.Module):
         return {"architecture": self.architecture, "n_channels": self.n_channels, "n_layers": self.n_layers,
                 "lam": self.lam, "alpha": self.alpha, "threshold": self.threshold,
                 "lipschitz": float(1.0 / self.eta_scale.item()), "psf_shape": list(self.psf_shape),
-                "momentum": self.momentum}
+                "momentum": self.momentum, "parameterization": self.parameterization}
 
     def truncated(self, n_layers: int) -> "UnrolledISTA":
         """A copy with only the first ``n_layers`` layers."""
@@ -273,31 +324,37 @@ class SPoDNet(UnrolledISTA):
 
     def __init__(self, psf, n_channels: int = 18, n_layers: int = 10, lam: float = 0.05, alpha: float = 0.1,
                  threshold: str = "lst", orientation: str = "harmonic", n_harmonics: int = 1,
-                 lipschitz: float | None = None, dtype=torch.float32, momentum: bool = False):
+                 lipschitz: float | None = None, dtype=torch.float32, momentum: bool = False,
+                 parameterization: str = "multiplier", untied: bool = False):
         if orientation not in ORIENTATIONS:
             raise SPoDInputError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
         if orientation == "harmonic" and not 0 <= n_harmonics <= (n_channels - 1) // 2:
             raise SPoDInputError(f"n_harmonics must be in 0..{(n_channels - 1) // 2}, got {n_harmonics}")
         self.orientation = orientation
         self.n_harmonics = int(n_harmonics)
-        super().__init__(psf, n_channels, n_layers, lam, alpha, threshold, lipschitz, dtype, momentum)
+        self.untied = bool(untied)
+        super().__init__(psf, n_channels, n_layers, lam, alpha, threshold, lipschitz, dtype, momentum,
+                         parameterization)
 
     def _new_layer(self):
-        return SPoDLayer(self.psf, self.n_channels, self.orientation, self.n_harmonics)
+        return SPoDLayer(self.psf, self.n_channels, self.orientation, self.n_harmonics, self.parameterization,
+                         self.untied)
 
     @classmethod
     def from_operator(cls, op: SPoDOperator, n_layers: int = 10, lam: float = 0.05, alpha: float = 0.1,
                       threshold: str = "lst", orientation: str = "harmonic", n_harmonics: int = 1,
-                      momentum: bool = False) -> "SPoDNet":
+                      momentum: bool = False, parameterization: str = "multiplier",
+                      untied: bool = False) -> "SPoDNet":
         """Untrained network = ``n_layers`` ISTA iterations with ista's default step (exact for alpha = 0);
-        with ``momentum``, ``n_layers`` FISTA iterations without restart."""
+        with ``momentum``, ``n_layers`` FISTA iterations without restart (whatever the parameterization)."""
         net = cls(op.psf.detach().cpu().numpy(), op.n_channels, n_layers, lam, alpha, threshold, orientation,
-                  n_harmonics, lipschitz=op.lipschitz_bound(), dtype=op.dtype, momentum=momentum)
+                  n_harmonics, lipschitz=op.lipschitz_bound(), dtype=op.dtype, momentum=momentum,
+                  parameterization=parameterization, untied=untied)
         return net.to(device=op.device, dtype=op.dtype)
 
     def config(self) -> dict:
         cfg = super().config()
-        cfg.update(orientation=self.orientation, n_harmonics=self.n_harmonics)
+        cfg.update(orientation=self.orientation, n_harmonics=self.n_harmonics, untied=self.untied)
         return cfg
 
 
@@ -307,13 +364,15 @@ class LISTANet(UnrolledISTA):
     architecture = "listanet"
 
     def _new_layer(self):
-        return LISTALayer(self.psf, self.n_channels)
+        return LISTALayer(self.psf, self.n_channels, self.parameterization)
 
     @classmethod
     def from_operator(cls, op: SPoDOperator, n_layers: int = 10, lam: float = 0.05, alpha: float = 0.1,
-                      threshold: str = "lst", momentum: bool = False) -> "LISTANet":
+                      threshold: str = "lst", momentum: bool = False,
+                      parameterization: str = "multiplier") -> "LISTANet":
         net = cls(op.psf.detach().cpu().numpy(), op.n_channels, n_layers, lam, alpha, threshold,
-                  lipschitz=op.lipschitz_bound(), dtype=op.dtype, momentum=momentum)
+                  lipschitz=op.lipschitz_bound(), dtype=op.dtype, momentum=momentum,
+                  parameterization=parameterization)
         return net.to(device=op.device, dtype=op.dtype)
 
 

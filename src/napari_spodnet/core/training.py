@@ -10,6 +10,20 @@ which multiplies the new layer's parameters by gamma before the next layer is ad
 The default loss is the unsupervised objective (eq. 9) on random crops; the supervised
 loss (eq. 8) against FISTA solutions of the same crops is an option.
 
+Beyond the paper (``docs/results.md``, "SPoD-Net against FISTA"): step and threshold can be
+learned in log space (``parameterization="log"``) with their own learning rate
+(``scalar_lr``), all layers can then be trained together on the final objective
+(``schedule="end-to-end"`` or ``"layerwise+end-to-end"``, ``e2e_epochs``, cosine-decayed
+rate), optionally with per-layer (deep) supervision, on fresh random crops every epoch
+(``fresh_crops``), and the layers may back-project with their own, untied filters
+(``untied``). The presets ``fast`` and ``standard`` use that recipe; ``paper`` and
+``quick-paper`` keep the paper's layer-wise Algorithm 1 exactly.
+
+Progress reports "worth N FISTA iterations" (:attr:`TrainingProgress.fista_equivalent`):
+the number of FISTA iterations (with restart, same lambda, same normalised crops) needed
+to reach the network's mean objective on the validation crops. FISTA's history on those
+crops is computed once, before training.
+
 Progress comes as typed :class:`TrainingProgress` updates, from a generator
 (:meth:`Trainer.run_iter`) or a callback (:func:`train_spodnet`). Cancelling at any point
 keeps the best model seen so far (lowest validation loss).
@@ -18,6 +32,7 @@ keeps the best model seen so far (lowest validation loss).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator, Optional, Sequence
@@ -49,6 +64,16 @@ class TrainingConfig:
     orientation: str = "harmonic"        # SPoD-Net orientation filter: "harmonic" or "full" (paper)
     n_harmonics: int = 1
     momentum: bool = False               # learned FISTA momentum between layers (not in the paper)
+    parameterization: str = "multiplier"  # step/threshold multipliers as such, or "log" (can move by factors)
+    untied: bool = False                 # SPoD-Net: own back-projection filters per layer (learned preconditioner)
+    schedule: str = "layerwise"          # "layerwise" (Algorithm 1), "end-to-end", "layerwise+end-to-end"
+    e2e_epochs: int = 0                  # epochs of the end-to-end stage (0 with schedule "end-to-end": ``epochs``)
+    scalar_lr: float | None = None       # rate of steps, thresholds, momenta (None: lr)
+    filter_lr: float | None = None       # rate of the filters in the end-to-end stage (None: lr); 0 freezes them
+    deep_supervision: float = 0.0        # end-to-end: weight decay of earlier layers' objectives (0: last only)
+    fresh_crops: bool = False            # new random training crops every epoch
+    log_loss: bool = False               # unsupervised: mean log objective (weighs crops of any noise level alike)
+    equivalent_iterations: int = 300     # FISTA iterations run on the validation crops ("worth N FISTA it.")
     lr: float = 1e-4
     epochs: int = 500                    # per step; an epoch is n_crops / batch_size Adam steps
     batch_size: int = 20
@@ -84,6 +109,16 @@ class TrainingConfig:
             (self.n_val_crops >= 1, "n_val_crops must be >= 1"),
             (self.crop_size >= 8, "crop_size must be >= 8"),
             (self.shrink in ("lr-decay", "parameters"), f"shrink {self.shrink!r}"),
+            (self.parameterization in ("multiplier", "log"), f"parameterization {self.parameterization!r}"),
+            (self.schedule in SCHEDULES, f"schedule {self.schedule!r} (choose one of {SCHEDULES})"),
+            (self.schedule != "layerwise+end-to-end" or self.e2e_epochs >= 1,
+             "schedule 'layerwise+end-to-end' needs e2e_epochs >= 1"),
+            (self.e2e_epochs >= 0, "e2e_epochs must be >= 0"),
+            (self.scalar_lr is None or self.scalar_lr > 0, "scalar_lr must be > 0"),
+            (self.filter_lr is None or self.filter_lr >= 0, "filter_lr must be >= 0"),
+            (0 <= self.deep_supervision < 1, "deep_supervision must be in [0, 1)"),
+            (self.equivalent_iterations >= 0, "equivalent_iterations must be >= 0"),
+            (not self.untied or self.architecture == "spodnet", "untied filters need the spodnet architecture"),
             (self.loss in ("unsupervised", "supervised"), f"loss {self.loss!r}"),
             (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
         ]
@@ -92,10 +127,35 @@ class TrainingConfig:
                 raise SPoDInputError(f"Invalid training setting: {msg}.")
 
 
-#: ``paper``: the paper's schedule (GPU hours); ``quick``: a few minutes on 2 CPU cores.
+SCHEDULES = ("layerwise", "end-to-end", "layerwise+end-to-end")
+
+#: The recipe of ``quick`` and ``standard`` (docs/results.md, "SPoD-Net against FISTA"): start from
+#: 10 FISTA steps (learned momentum), learn the per-layer step, threshold and momentum in log
+#: space at their own rate, all layers together on the log objective, on fresh crops every epoch.
+_END_TO_END = dict(momentum=True, parameterization="log", schedule="end-to-end", scalar_lr=0.03, filter_lr=0.0,
+                   fresh_crops=True)
+
+#: Training presets (the GUI and CLI list them with :data:`PRESET_DESCRIPTIONS`).
 PRESETS = {
+    "quick": dict(_END_TO_END, lr=2e-3, batch_size=4, n_crops=24, crop_size=64, n_val_crops=4, epochs=50,
+                  equivalent_iterations=300),
+    # Untied back-projection filters at a small rate (larger rates made training collapse in the probes).
+    "standard": dict(_END_TO_END, untied=True, filter_lr=3e-6, lr=2e-3, batch_size=8, n_crops=32, crop_size=64,
+                     n_val_crops=8, epochs=100, equivalent_iterations=400),
+    "quick-layerwise": dict(lr=2e-3, epochs=6, batch_size=4, n_crops=24, crop_size=64, n_val_crops=4),
     "paper": dict(lr=1e-4, epochs=500, batch_size=20, n_crops=100, crop_size=96, n_val_crops=12),
-    "quick": dict(lr=2e-3, epochs=6, batch_size=4, n_crops=24, crop_size=64, n_val_crops=4),
+}
+
+#: What each preset does and costs, for people choosing one (times measured on this project's 2 shared
+#: CPU cores, docs/results.md).
+PRESET_DESCRIPTIONS = {
+    "quick": "End-to-end schedule (log-space steps, thresholds, momenta), 300 steps on 64 px crops: "
+             "about 1-3 min on 2 CPU cores.",
+    "standard": "The shipped model's recipe (also learns untied back-projection filters), 400 steps of 8 "
+                "crops of 64 px: about 5-10 min on 2 CPU cores.",
+    "quick-layerwise": "The paper's layer-wise Algorithm 1 on a short schedule (the package's former quick "
+                       "preset): about 3-5 min on 2 CPU cores; stays close to 10 ISTA steps.",
+    "paper": "The paper's layer-wise Algorithm 1 and schedule (500 epochs per step): GPU hours.",
 }
 
 
@@ -113,9 +173,40 @@ class TrainingProgress:
     elapsed: float        # seconds since the start
     fraction: float       # overall progress in [0, 1]
     message: str = ""
+    #: "worth N FISTA iterations": FISTA iterations (restart, same lam) needed to reach the network's mean
+    #: objective on the validation crops, interpolated between iterations; a value equal to
+    #: ``TrainingConfig.equivalent_iterations`` is a lower bound. None when not computed.
+    fista_equivalent: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: Log-space steps and thresholds stay within a factor e^4 (about 55) of their ISTA values.
+LOG_MULTIPLIER_BOUND = 4.0
+#: End-to-end: a validation objective this much (relative) above the best restores the best state.
+RESTORE_TOLERANCE = 0.05
+#: Learned momenta stay in a range where the extrapolation is still a contraction in practice.
+MOMENTUM_BOUNDS = (-0.5, 2.5)
+
+
+def fista_equivalent_iterations(objective: float, fista_history) -> float:
+    """FISTA iterations needed to reach ``objective``: (iterations,) history -> float >= 0.
+
+    Linear interpolation between the first iteration at or below ``objective`` and the one
+    before (iteration 0 is the zero image's objective, taken as above everything). Returns
+    ``len(fista_history)`` if FISTA never got there (a lower bound).
+    """
+    history = np.asarray(fista_history, dtype=np.float64).reshape(-1)
+    reached = np.nonzero(history <= objective)[0]
+    if reached.size == 0:
+        return float(history.size)
+    k = int(reached[0])
+    if k == 0:
+        return 1.0
+    above, below = history[k - 1], history[k]
+    fraction = (above - objective) / (above - below) if above > below else 1.0
+    return float(k + min(max(fraction, 0.0), 1.0))
 
 
 def random_crops(observations: Sequence[np.ndarray], n: int, size: int, rng: np.random.Generator,
@@ -184,6 +275,7 @@ class Trainer:
         self.op = SPoDOperator(self.psf, n_channels, device=self.device, normalize_psf=False)
         self.flips = self.config.flips and _psf_is_mirror_symmetric(self.psf)
         self._cancel = False
+        self.restores = 0  # end-to-end stage: times the best state was restored after a rise
         self.net: UnrolledISTA | None = None
         self.best_state: tuple[float, UnrolledISTA] | None = None
         self.history: list[TrainingProgress] = []
@@ -202,18 +294,30 @@ class Trainer:
     def _new_network(self) -> UnrolledISTA:
         cfg = self.config
         common = dict(n_layers=0, lam=cfg.lam, alpha=cfg.alpha, threshold=cfg.threshold,
-                      lipschitz=self.op.lipschitz_bound(), momentum=cfg.momentum)
+                      lipschitz=self.op.lipschitz_bound(), momentum=cfg.momentum,
+                      parameterization=cfg.parameterization)
         if cfg.architecture == "spodnet":
             net = SPoDNet(self.psf, self.n_channels, orientation=cfg.orientation, n_harmonics=cfg.n_harmonics,
-                          **common)
+                          untied=cfg.untied, **common)
         else:
             net = LISTANet(self.psf, self.n_channels, **common)
         return net.to(self.device)
 
-    def _loss(self, net, y, target, n_layers):
+    def _loss(self, net, y, target, n_layers, deep: float = 0.0):
+        if deep > 0 and target is None and torch.is_grad_enabled():
+            # Per-layer supervision: layer m's objective weighted deep^(M - m), normalised to sum 1.
+            outputs = net(y, n_layers=n_layers, intermediate=True)
+            weights = [deep ** (len(outputs) - 1 - i) for i in range(len(outputs))]
+            def per_layer(x):
+                objective = self.op.objective(y, x, self.config.lam)
+                return objective.clamp_min(1e-30).log().mean() if self.config.log_loss else objective.mean()
+            total = sum(w * per_layer(x) for w, x in zip(weights, outputs))
+            return total / sum(weights)
         x = net(y, n_layers=n_layers)
         if target is None:
-            return self.op.objective(y, x, self.config.lam).mean()
+            objective = self.op.objective(y, x, self.config.lam)
+            return objective.clamp_min(1e-30).log().mean() if self.config.log_loss and torch.is_grad_enabled() \
+                else objective.mean()
         return (x - target).pow(2).sum(dim=(-3, -2, -1)).mean() / x[0].numel()
 
     def _targets(self, y: torch.Tensor):
@@ -221,69 +325,156 @@ class Trainer:
             return None
         return fista(self.op, y, self.config.lam, max_iter=self.config.supervised_iterations, tol=1e-7).x
 
+    def _fista_reference(self, val: torch.Tensor) -> np.ndarray | None:
+        """Mean FISTA objective over the validation crops after each iteration (restart, same lam)."""
+        n = self.config.equivalent_iterations
+        if n < 1:
+            return None
+        result = fista(self.op, val, self.config.lam, max_iter=n, tol=0)
+        history = np.asarray(result.history, dtype=np.float64)
+        return history.reshape(history.shape[0], -1).mean(axis=1)
+
+    def _fista_equivalent(self, net, val, n_layers) -> float | None:
+        if self._fista_history is None:
+            return None
+        with torch.no_grad():
+            value = float(self.op.objective(val, net(val, n_layers=n_layers), self.config.lam).mean())
+        return fista_equivalent_iterations(value, self._fista_history)
+
+    def _groups(self, layers, lr_scalar: float, lr_filter: float) -> list[dict]:
+        scalars = [p for layer in layers for p in layer.scalar_parameters()]
+        filters = [p for layer in layers for p in layer.filter_parameters()]
+        groups = [{"params": scalars, "lr": lr_scalar}]
+        if lr_filter > 0 and filters:
+            groups.append({"params": filters, "lr": lr_filter})
+        return groups
+
+    def _clamp(self, net) -> None:
+        # Keep the learned schedule where a layer is still a sensible (if aggressive) ISTA step.
+        if self.config.parameterization != "log":
+            return
+        with torch.no_grad():
+            for layer in net.layers:
+                layer.eta.clamp_(-LOG_MULTIPLIER_BOUND, LOG_MULTIPLIER_BOUND)
+                layer.theta.clamp_(-LOG_MULTIPLIER_BOUND, LOG_MULTIPLIER_BOUND)
+                if hasattr(layer, "mu"):
+                    layer.mu.clamp_(*MOMENTUM_BOUNDS)
+
     def run_iter(self) -> Iterator[TrainingProgress]:
         """Generator of progress updates; returns (``StopIteration.value``) the trained network."""
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
         torch.manual_seed(cfg.seed)
         start = self._start = time.perf_counter()
-        train = torch.as_tensor(random_crops(self.frames, cfg.n_crops, cfg.crop_size, rng, self.flips),
-                                device=self.device)
+
+        def new_crops():
+            return torch.as_tensor(random_crops(self.frames, cfg.n_crops, cfg.crop_size, rng, self.flips),
+                                   device=self.device)
+
+        train = new_crops()
         val = torch.as_tensor(random_crops(self.val_frames, cfg.n_val_crops, cfg.crop_size,
                                            np.random.default_rng(cfg.seed + 1), False), device=self.device)
         train_targets, val_targets = self._targets(train), self._targets(val)
+        self._fista_history = self._fista_reference(val)
         net = self.net = self._new_network()
         steps_per_epoch = max(1, int(np.ceil(cfg.n_crops / cfg.batch_size)))
-        total_epochs = cfg.epochs * (2 * cfg.n_layers - 1)
-        done_epochs = 0
-        initial_loss = None
+        layerwise = cfg.schedule != "end-to-end"
+        end_to_end = cfg.schedule != "layerwise"
+        # A pure end-to-end schedule counts its epochs in ``epochs`` unless e2e_epochs says otherwise.
+        e2e_epochs = (cfg.e2e_epochs or cfg.epochs) if cfg.schedule == "end-to-end" else cfg.e2e_epochs
+        total_epochs = (cfg.epochs * (2 * cfg.n_layers - 1) if layerwise else 0) + (e2e_epochs if end_to_end else 0)
+        state = {"done": 0, "initial": None, "train": train, "targets": train_targets}
+        scalar_lr = cfg.lr if cfg.scalar_lr is None else cfg.scalar_lr
+        filter_lr = cfg.lr if cfg.filter_lr is None else cfg.filter_lr
 
-        for m in range(cfg.n_layers):
-            layer = net.add_layer()
-            stages = [("step1", [{"params": list(layer.parameters()), "lr": cfg.lr}])]
-            if m >= 1:
-                groups = [{"params": list(layer.parameters()), "lr": cfg.step2_new * cfg.lr}]
-                for j in range(m):
-                    decay = cfg.gamma ** (m - 1 - j) if cfg.shrink == "lr-decay" else 1.0
-                    groups.append({"params": list(net.layers[j].parameters()), "lr": cfg.step2_old * cfg.lr * decay})
-                stages.append(("step2", groups))
-            for stage, groups in stages:
-                optimizer = torch.optim.Adam(groups)
-                for epoch in range(1, cfg.epochs + 1):
-                    order = torch.as_tensor(rng.permutation(cfg.n_crops), device=self.device)
-                    losses = []
-                    for s in range(steps_per_epoch):
-                        if self._cancel:
-                            return self._finish(start, cancelled=True)
-                        idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-                        target = None if train_targets is None else train_targets[idx]
-                        loss = self._loss(net, train[idx], target, m + 1)
-                        if not torch.isfinite(loss):
-                            raise TrainingError(f"Training diverged (loss {loss.item()}) at layer {m + 1}, {stage}; "
-                                                f"lower the learning rate (now {cfg.lr:g}).")
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        losses.append(loss.item())
-                    train_loss = float(np.mean(losses))
-                    with torch.no_grad():
-                        val_loss = float(self._loss(net, val, val_targets, m + 1))
-                    if initial_loss is None:
-                        initial_loss = max(train_loss, 1e-30)
-                    if not np.isfinite(val_loss) or train_loss > 1e3 * initial_loss:
-                        raise TrainingError(f"Training diverged at layer {m + 1} ({stage}: loss {train_loss:.3g}, "
-                                            f"first {initial_loss:.3g}); lower the learning rate.")
-                    self._remember(net, val_loss)
-                    done_epochs += 1
-                    update = TrainingProgress(m + 1, cfg.n_layers, stage, epoch, cfg.epochs, train_loss, val_loss,
-                                              time.perf_counter() - start, done_epochs / total_epochs,
-                                              f"layer {m + 1}/{cfg.n_layers} {stage} epoch {epoch}/{cfg.epochs}")
-                    self.history.append(update)
-                    yield update
-            if cfg.shrink == "parameters" and m != cfg.n_layers - 1:
+        def epochs(optimizer, stage, n_epochs, n_layers, scheduler=None, deep=0.0):
+            """Runs the epochs of one stage; yields progress, returns "cancelled" when asked to stop."""
+            for epoch in range(1, n_epochs + 1):
+                if cfg.fresh_crops and state["done"] > 0:
+                    state["train"] = new_crops()
+                    state["targets"] = self._targets(state["train"])
+                order = torch.as_tensor(rng.permutation(cfg.n_crops), device=self.device)
+                losses = []
+                for s in range(steps_per_epoch):
+                    if self._cancel:
+                        return "cancelled"
+                    idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                    target = None if state["targets"] is None else state["targets"][idx]
+                    # (subclasses in benchmarks/paper_experiments.py override _loss without ``deep``)
+                    loss = (self._loss(net, state["train"][idx], target, n_layers, deep) if deep
+                            else self._loss(net, state["train"][idx], target, n_layers))
+                    if not torch.isfinite(loss):
+                        raise TrainingError(f"Training diverged (loss {loss.item()}) at layer {n_layers}, {stage}; "
+                                            f"lower the learning rate (now {cfg.lr:g}).")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    self._clamp(net)
+                    if scheduler is not None:
+                        scheduler.step()
+                    losses.append(loss.item())
+                train_loss = float(np.mean(losses))
                 with torch.no_grad():
-                    for p in layer.parameters():
-                        p.mul_(cfg.gamma)
+                    val_loss = float(self._loss(net, val, val_targets, n_layers))
+                if state["initial"] is None:
+                    state["initial"] = max(val_loss, 1e-30)
+                if not np.isfinite(val_loss) or not np.isfinite(train_loss) or val_loss > 1e3 * state["initial"]:
+                    raise TrainingError(f"Training diverged at layer {n_layers} ({stage}: validation loss "
+                                        f"{val_loss:.3g}, first {state['initial']:.3g}); lower the learning rate.")
+                if (scheduler is not None and self.best_state is not None and self.best_state[1].n_layers == n_layers
+                        and val_loss > self.best_state[0] + RESTORE_TOLERANCE * abs(self.best_state[0])):
+                    # An aggressive schedule can tip into a region where the output dies (all zero); go back
+                    # to the best one seen and continue at half the rate.
+                    net.load_state_dict(self.best_state[1].state_dict())
+                    scheduler.base_lrs = [lr / 2 for lr in scheduler.base_lrs]
+                    val_loss = self.best_state[0]
+                    self.restores += 1
+                self._remember(net, val_loss)
+                state["done"] += 1
+                equivalent = self._fista_equivalent(net, val, n_layers)
+                message = (f"layer {n_layers}/{cfg.n_layers} {stage} epoch {epoch}/{n_epochs}" if stage != "end-to-end"
+                           else f"end-to-end epoch {epoch}/{n_epochs}")
+                if equivalent is not None:
+                    bound = ">= " if equivalent >= len(self._fista_history) else ""
+                    message += f": worth {bound}{equivalent:.0f} FISTA iterations"
+                update = TrainingProgress(n_layers, cfg.n_layers, stage, epoch, n_epochs, train_loss, val_loss,
+                                          time.perf_counter() - start, state["done"] / total_epochs, message,
+                                          fista_equivalent=equivalent)
+                self.history.append(update)
+                yield update
+            return None
+
+        if layerwise:
+            for m in range(cfg.n_layers):
+                layer = net.add_layer()
+                stages = [("step1", self._groups([layer], scalar_lr, cfg.lr))]
+                if m >= 1:
+                    groups = self._groups([layer], cfg.step2_new * scalar_lr, cfg.step2_new * cfg.lr)
+                    for j in range(m):
+                        decay = cfg.gamma ** (m - 1 - j) if cfg.shrink == "lr-decay" else 1.0
+                        groups += self._groups([net.layers[j]], cfg.step2_old * scalar_lr * decay,
+                                               cfg.step2_old * cfg.lr * decay)
+                    stages.append(("step2", groups))
+                for stage, groups in stages:
+                    optimizer = torch.optim.Adam(groups)
+                    if (yield from epochs(optimizer, stage, cfg.epochs, m + 1)) == "cancelled":
+                        return self._finish(start, cancelled=True)
+                if cfg.shrink == "parameters" and m != cfg.n_layers - 1:
+                    with torch.no_grad():
+                        for p in layer.parameters():
+                            p.mul_(cfg.gamma)
+        else:
+            for _ in range(cfg.n_layers):
+                net.add_layer()  # every layer starts as one ISTA (FISTA, with momentum) step
+        if end_to_end:
+            optimizer = torch.optim.Adam(self._groups(net.layers, scalar_lr, filter_lr))
+            # Cosine decay to 5 % of the rate: large steps to move the schedule, small ones to settle it.
+            total_steps = max(e2e_epochs * steps_per_epoch, 1)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda k: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(k / total_steps, 1.0))))
+            if (yield from epochs(optimizer, "end-to-end", e2e_epochs, cfg.n_layers, scheduler,
+                                  cfg.deep_supervision)) == "cancelled":
+                return self._finish(start, cancelled=True)
         return self._finish(start, cancelled=False)
 
     def run(self, on_progress: Optional[Callable[[TrainingProgress], Optional[bool]]] = None) -> UnrolledISTA:
@@ -333,6 +524,7 @@ class Trainer:
                 "best_val_loss": self.best_state[0] if self.best_state else None,
                 "device": str(self.device),
                 "flips": self.flips,
+                "restores": self.restores,
             },
         }
         self.history.append(TrainingProgress(net.n_layers, self.config.n_layers, "done", 0, 0,
