@@ -7,6 +7,8 @@ producing a silently wrong recovery.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 DEFAULT_CHANNELS = 18
@@ -93,3 +95,11 @@ def check_observation(observation, n_channels: int = DEFAULT_CHANNELS, psf_shape
                 f"The PSF ({a} x {b}) is larger than the image ({shape[-2]} x {shape[-1]})."
             )
     return arr
+
+
+def check_lam(lam, what: str = "lambda") -> float:
+    """A regularisation weight: a finite real number >= 0."""
+    if isinstance(lam, bool) or not isinstance(lam, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(lam)) or lam < 0:
+        raise SPoDInputError(f"{what} must be a finite number >= 0, got {lam!r}.")
+    return float(lam)
