@@ -192,7 +192,7 @@ def run_case(target: str, path: Path, timeout: float = 10.0, mem_limit: int = 2*
 TIFF_TARGETS = ("read_observation", "read_psf", "napari_reader")
 
 
-def fuzz(n_cases: int, seed: int = 0, log=None, timeout: float = 10.0) -> Counter:
+def fuzz(n_cases: int, seed: int = 0, log=None, timeout: float = 10.0, report_every: int = 0) -> Counter:
     import torch
 
     torch.set_num_threads(1)
@@ -215,6 +215,8 @@ def fuzz(n_cases: int, seed: int = 0, log=None, timeout: float = 10.0) -> Counte
             if log is not None and outcome.split(":")[0] not in ("ok", "refused"):
                 print(json.dumps({"case": i, "base": name, "mutation": kind, "target": target,
                                   "outcome": outcome}), file=log, flush=True)
+            if report_every and (i + 1) % report_every == 0:
+                print(f"after {i + 1} cases:\n{table(counts)}", flush=True)
     return counts
 
 
@@ -234,11 +236,12 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--report-every", type=int, default=0, help="print the table every N cases")
     parser.add_argument("--log", default=None, help="JSON lines of every non-ok, non-refused case")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     with open(args.log, "w") if args.log else open(os.devnull, "w") as log:
-        counts = fuzz(args.cases, args.seed, log, args.timeout)
+        counts = fuzz(args.cases, args.seed, log, args.timeout, args.report_every)
     print(table(counts))
     print(f"{args.cases} cases, seed {args.seed}, {time.perf_counter() - start:.0f} s")
     bad = sum(v for (t, o), v in counts.items() if o not in ("ok", "refused"))
