@@ -97,9 +97,13 @@ def check_observation(observation, n_channels: int = DEFAULT_CHANNELS, psf_shape
     return arr
 
 
+#: Larger weights overflow float32 in the solvers; already far beyond "everything is zero".
+MAX_LAMBDA = 1e30
+
+
 def check_lam(lam, what: str = "lambda") -> float:
-    """A regularisation weight: a finite real number >= 0."""
+    """A regularisation weight: a finite real number in [0, MAX_LAMBDA]."""
     if isinstance(lam, bool) or not isinstance(lam, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(float(lam)) or lam < 0:
-        raise SPoDInputError(f"{what} must be a finite number >= 0, got {lam!r}.")
+            or not math.isfinite(float(lam)) or not 0 <= lam <= MAX_LAMBDA:
+        raise SPoDInputError(f"{what} must be a finite number >= 0 (at most {MAX_LAMBDA:g}), got {lam!r}.")
     return float(lam)
