@@ -66,6 +66,55 @@ def _write_result(path, result, extra: dict, axes_single="CYX") -> Path:
     return write_stack(path, image, axes=axes, metadata=meta)
 
 
+def _same_file(a, b) -> bool:
+    try:
+        if os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b):
+            return True
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_output(output, inputs, what="output") -> None:
+    """Refuse, before any work, an output that is one of the inputs (same path, hard link or
+    symlink) or that cannot be written (a folder, or a path below a file)."""
+    from .core.validation import SPoDInputError
+
+    out = os.path.expanduser(os.fspath(output))
+    for item in inputs:
+        if item is not None and _same_file(out, os.path.expanduser(os.fspath(item))):
+            raise SPoDInputError(f"the {what} {out} is the input file {item}; choose another output name "
+                                 "(the input would be overwritten).")
+    # An OME-Zarr output is a folder by design (the streamed writer replaces it atomically).
+    if os.path.isdir(out) and not out.rstrip("/\\").endswith(".zarr"):
+        raise SPoDInputError(f"the {what} {out} is a folder; give a file name.")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise SPoDInputError(f"cannot write {out}: {parent} is a file, not a folder.")
+
+
+def _check_values(args) -> None:
+    """Finite, in-range numeric options (argparse's float accepts 'nan' and 'inf')."""
+    from .core.validation import SPoDInputError
+
+    rules = {"lam": (0, None), "tol": (0, None), "lr": (0, None, True), "alpha": (0, 1), "photons": (0, None, True),
+             "iterations": (1, None), "layers": (1, 1000), "epochs": (1, None), "crops": (1, None),
+             "crop_size": (8, None), "batch_size": (1, None), "tile": (1, None), "n_channels": (2, 10_000),
+             "size": (8, None), "frames": (1, None)}
+    for name, rule in rules.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        low, high, strict = rule[0], rule[1], len(rule) > 2
+        bad = not np.isfinite(value) or (value <= low if strict else value < low) or (high is not None and value > high)
+        if bad:
+            bound = f"> {low}" if strict else f">= {low}"
+            raise SPoDInputError(f"--{name.replace('_', '-')} must be a finite number {bound}"
+                                 f"{f' and <= {high}' if high is not None else ''}, got {value}.")
+
+
 def _load_observation(path, n_channels, memmap=True, axis=None):
     from .io import read_observation
 
@@ -76,7 +125,11 @@ def cmd_simulate(args) -> int:
     from .core.simulate import simulate, simulate_time_series
     from .io import write_stack
 
+    from .core.validation import SPoDInputError
+
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise SPoDInputError(f"{out} is a file; simulate writes a folder of TIFFs, give a folder name.")
     out.mkdir(parents=True, exist_ok=True)
     shape = (args.size, args.size)
     if args.frames > 1:
@@ -97,6 +150,7 @@ def cmd_simulate(args) -> int:
 def cmd_fista(args) -> int:
     from .io import read_psf
 
+    _check_output(args.output, [args.observation, args.psf])
     psf = read_psf(args.psf)
     return _stream_recovery(args, "FISTA", dict(psf=psf, method="fista", lam=args.lam, iterations=args.iterations,
                                                 tol=args.tol, restart=not args.no_restart,
@@ -107,6 +161,7 @@ def cmd_fista(args) -> int:
 def cmd_recover(args) -> int:
     from .io import read_psf
 
+    _check_output(args.output, [args.observation, args.psf, args.model])
     psf = read_psf(args.psf) if args.psf else None
     return _stream_recovery(args, "SPoD-Net", dict(psf=psf, method="spodnet", model=args.model),
                             {"model": str(args.model or "default")})
@@ -147,6 +202,7 @@ def cmd_train(args) -> int:
     from .core.training import Trainer, TrainingConfig
     from .io import read_psf
 
+    _check_output(args.output, [*args.observations, args.psf], what="checkpoint")
     observations = [_load_observation(p, args.n_channels, memmap=False, axis=args.axis) for p in args.observations]
     psf = read_psf(args.psf)
     overrides = {k: v for k, v in dict(lam=args.lam, n_layers=args.layers, epochs=args.epochs, lr=args.lr,
@@ -395,14 +451,25 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_values(args)
         return int(args.func(args) or 0)
-    except (SPoDInputError, CheckpointError, TrainingError, RecoveryCancelled, FileNotFoundError,
-            PermissionError, IsADirectoryError) as exc:
-        print(f"\nspodnet {args.command}: error: {exc}", file=sys.stderr)
+    except (SPoDInputError, CheckpointError, TrainingError, RecoveryCancelled, OSError, FloatingPointError,
+            MemoryError) as exc:
+        print(f"\nspodnet {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"\nspodnet {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: still one line, the traceback on request
+        if os.environ.get("SPODNET_DEBUG"):
+            raise
+        print(f"\nspodnet {args.command}: unexpected error: {type(exc).__name__}: {_one_line(exc)} "
+              "(set SPODNET_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":  # pragma: no cover

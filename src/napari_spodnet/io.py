@@ -235,6 +235,12 @@ def _plan_layout(shape, axes: str | None, n_channels: int, axis: int | None) -> 
             f"polarization images and the image plane: {what}. Only one extra axis (a time series) "
             "is supported; save one stack per time point or z-plane."
         )
+    if big and axis is None and axes and _informative(axes) and axes[big[0]] == "C":
+        raise SPoDInputError(
+            f"The file labels {shape[big[0]]} channels (axis {big[0]} 'C') besides an axis of length {n} "
+            f"({_describe(shape, axes)}); which one holds the polarization images is unclear. Pass "
+            f"axis=<index> (e.g. axis={pol}) if axis {pol} holds them, or set n_channels={shape[big[0]]}."
+        )
     if big and axes and _informative(axes) and axes[big[0]] == "S":
         raise SPoDInputError(
             f"The file has {shape[big[0]]} samples per pixel (an RGB image?) besides the {n} "
@@ -274,15 +280,135 @@ def _check_readable(path) -> Path:
     return p
 
 
-def _open_tiff(p: Path) -> tifffile.TiffFile:
+#: Decoded bytes allowed per stored byte for compressed pixel data (deflate tops out near
+#: 1000:1 on constant data; camera data compress about 2:1), and a floor below which the
+#: ratio is not checked: a small file may not decode into gigabytes.
+_MAX_COMPRESSION_RATIO = 200
+_RATIO_FLOOR_BYTES = 64 * 2**20
+
+
+def _open_tiff(p: Path, series: bool = True) -> tifffile.TiffFile:
+    """Open a TIFF; with ``series`` also build and vet its first series (see :func:`_first_series`)."""
     try:
         tf = tifffile.TiffFile(p)
     except Exception as exc:  # tifffile raises several types for non-TIFF / damaged headers
         raise _file_error(p, f"not a TIFF file or the file is damaged ({exc}).") from exc
-    if not tf.series:
-        tf.close()
-        raise _file_error(p, "the TIFF file contains no images.")
+    if series:
+        try:
+            _first_series(tf, p)
+        except BaseException:
+            tf.close()
+            raise
     return tf
+
+
+def _declared_planes_ok(tf: tifffile.TiffFile, p: Path, file_size: int) -> None:
+    """Refuse OME / ImageJ metadata declaring more data than the file can hold, before
+    tifffile builds a series from it (it allocates per declared plane)."""
+    page = tf.pages.first
+    plane_bytes = max(1, int(np.prod(page.shape, dtype=np.float64)) * np.dtype(page.dtype).itemsize
+                      if page.dtype is not None else 1)
+    limit = file_size if page.compression == 1 else max(_RATIO_FLOOR_BYTES, _MAX_COMPRESSION_RATIO * file_size)
+    declared = []
+    if tf.is_ome:
+        text = tf.pages.first.description or ""
+        root = ET.fromstring(text)
+        for el in root.iter():
+            if el.tag.endswith("Pixels"):
+                dims = [el.attrib.get(k, "1") for k in ("SizeC", "SizeZ", "SizeT", "SizeX", "SizeY")]
+                values = [int(v) for v in dims]
+                if min(values) < 1:
+                    raise _file_error(p, f"the OME metadata declare a zero or negative size ({dict(zip('CZTXY', dims))}).")
+                declared.append(math.prod(values) * np.dtype(page.dtype).itemsize)
+                break
+    if tf.is_imagej:
+        meta = tf.imagej_metadata or {}
+        for key in ("images", "channels", "slices", "frames"):
+            value = meta.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise _file_error(p, f"the ImageJ metadata hold an invalid {key}={value!r}; the file is damaged.")
+        planes = max(int(meta.get("images", 1)),
+                     math.prod(int(meta.get(k, 1)) for k in ("channels", "slices", "frames")))
+        declared.append(planes * plane_bytes)
+        if planes > 1 and file_size < 2**32 - 2**20 and len(tf.pages) < planes and page.compression == 1 \
+                and tf.pages.first.dataoffsets and int(tf.pages.first.dataoffsets[0]) + planes * plane_bytes > file_size:
+            raise _file_error(p, f"the file is truncated: its ImageJ metadata declare {planes} images but only "
+                                 f"{len(tf.pages)} are stored. Re-export or copy the file again.")
+    for nbytes in declared:
+        if nbytes > limit:
+            raise _file_error(p, f"the metadata declare {nbytes / 2**20:.1f} MiB of pixels but the file is only "
+                                 f"{file_size / 2**20:.3f} MiB; it is truncated or damaged.")
+
+
+def _first_series(tf: tifffile.TiffFile, p: Path):
+    """The first image series, checked against the file before any pixel is read.
+
+    Refuses (with :class:`SPoDInputError`) declared sizes the file cannot hold, data
+    offsets past the end of the file (truncated files, which tifffile would fill with
+    zeros), missing frames, zero-length axes and non-real pixel types.
+    """
+    try:
+        file_size = os.fstat(tf.filehandle.handle.fileno()).st_size
+    except Exception:
+        file_size = p.stat().st_size
+    try:
+        _declared_planes_ok(tf, p, file_size)
+        all_series = tf.series
+        if not all_series:
+            raise _file_error(p, "the TIFF file contains no images.")
+        series = all_series[0]
+        shape = tuple(int(s) for s in series.shape)
+        axes = str(series.axes)
+        dtype = np.dtype(series.dtype)
+        pages = list(getattr(series, "_pages", []))
+        n_pages = len(series)
+        keyframe = series.keyframe
+        compressed = keyframe.compression != 1
+        extents = []
+        if any(page is None for page in pages):
+            missing = sum(page is None for page in pages)
+            raise _file_error(p, f"{missing} of the {len(pages)} images the metadata declare are missing; "
+                                 "the file is truncated or damaged.")
+        offset = series.dataoffset if not compressed else None
+        if offset is None:
+            for page in pages:
+                extents.extend(zip((int(o) for o in page.dataoffsets), (int(c) for c in page.databytecounts)))
+        tile = getattr(keyframe, "tile", None)
+        tile_bytes = (math.prod(int(t) for t in tile) * keyframe.samplesperpixel * dtype.itemsize) if tile else 0
+    except SPoDInputError:
+        raise
+    except Exception as exc:  # tifffile, XML, numpy and struct errors of a damaged file
+        raise _file_error(p, f"the TIFF structure is damaged ({type(exc).__name__}: {exc}).") from exc
+    if len(axes) != len(shape):
+        raise _file_error(p, f"the axis labels {axes!r} do not match the data shape {shape}; the file is damaged.")
+    if not shape or min(shape) < 1:
+        raise _file_error(p, f"the image has a zero-length axis (shape {shape}).")
+    if dtype.kind not in "uif":
+        raise _file_error(p, f"pixel type {dtype} is not a real number type; save the data as integers or floats.")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if offset is not None:
+        if offset + nbytes > file_size:
+            raise _file_error(p, f"the file is truncated: {nbytes} bytes of pixels declared from offset {offset}, "
+                                 f"but the file ends at {file_size}. Re-export or copy the file again.")
+    else:
+        stored = 0
+        for start, count in extents:
+            if start < 0 or count < 0 or start + count > file_size:
+                raise _file_error(p, "the file is truncated: image data are declared past its end. "
+                                     "Re-export or copy the file again.")
+            stored += count
+        if len(pages) < n_pages:
+            raise _file_error(p, f"the series declares {n_pages} images but the file holds {len(pages)}.")
+        if not compressed and stored < nbytes:
+            raise _file_error(p, f"the file is truncated: {nbytes} bytes of pixels declared, {stored} stored.")
+        if compressed and nbytes > max(_RATIO_FLOOR_BYTES, _MAX_COMPRESSION_RATIO * max(stored, 1)):
+            raise _file_error(p, f"the compressed data ({stored} bytes) declare {nbytes / 2**20:.1f} MiB of pixels; "
+                                 "the file is damaged.")
+        if tile_bytes > max(_RATIO_FLOOR_BYTES, 4 * nbytes):
+            raise _file_error(p, "the file declares implausibly large tiles; it is damaged.")
+    return series
 
 
 def _normalise_unit(unit) -> str | None:
@@ -331,18 +457,23 @@ def _pixel_size(tf: tifffile.TiffFile) -> float | None:
 
 def _our_metadata(tf: tifffile.TiffFile) -> dict:
     texts = []
-    if tf.is_imagej:
-        info = (tf.imagej_metadata or {}).get("Info")
-        if info:
-            texts.append(info)
+    try:
+        if tf.is_imagej:
+            info = (tf.imagej_metadata or {}).get("Info")
+            if isinstance(info, str) and info:
+                texts.append(info)
+    except Exception:  # damaged ImageJ metadata: our metadata are a courtesy
+        pass
     try:
         texts.append(tf.pages[0].description)
     except Exception:
         pass
     for text in texts:
+        if not isinstance(text, str) or len(text) > 2**24:
+            continue
         try:
             obj = json.loads(text)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             continue
         if isinstance(obj, dict) and isinstance(obj.get(METADATA_KEY), dict):
             return obj[METADATA_KEY]
@@ -366,27 +497,30 @@ def read_observation(
     """
     n = _check_n_channels(n_channels)
     p = _check_readable(path)
-    tf = _open_tiff(p)
+    tf = _open_tiff(p, series=False)
     try:
-        series = tf.series[0]
-        shape, axes = tuple(series.shape), series.axes
+        series = _first_series(tf, p)
+        shape, axes = tuple(int(s) for s in series.shape), str(series.axes)
         try:
             layout = _plan_layout(shape, axes, n, axis)
         except SPoDInputError as exc:
             raise SPoDInputError(f"{p.name}: {exc}") from exc
         dtype = np.dtype(series.dtype)
-        if dtype.kind not in "uif":
-            raise _file_error(p, f"pixel type {dtype} is not a real number type.")
+        try:
+            unsqueezed = series.get_axes(False)
+            n_series = len(tf.series)
+        except Exception:  # informative only
+            unsqueezed, n_series = axes, 1
         metadata: dict[str, Any] = {
             "format": getattr(series, "kind", "") or "tiff",
             "stored_shape": shape,
-            "stored_axes_unsqueezed": series.get_axes(False),
+            "stored_axes_unsqueezed": unsqueezed,
             "polarization_axis": layout.pol,
             "series_axis_label": axes[layout.series] if layout.series is not None else None,
             "dtype": str(dtype),
         }
-        if len(tf.series) > 1:
-            metadata["n_series"] = len(tf.series)
+        if n_series > 1:
+            metadata["n_series"] = n_series
         size = _pixel_size(tf)
         if size is not None:
             metadata["pixel_size"] = size
@@ -396,7 +530,11 @@ def read_observation(
             metadata[METADATA_KEY] = ours
 
         data = None
-        if memmap and series.dataoffset is not None:
+        try:
+            mappable = memmap and series.dataoffset is not None
+        except Exception:
+            mappable = False
+        if mappable:
             try:
                 data = tifffile.memmap(p, series=0, mode="r")
             except Exception:  # not mappable after all (e.g. odd byte layout): read instead
@@ -408,9 +546,11 @@ def read_observation(
             try:
                 data = series.asarray()
             except Exception as exc:
-                raise _file_error(p, f"the pixel data could not be decoded ({exc}).") from exc
+                raise _file_error(p, f"the pixel data could not be decoded ({type(exc).__name__}: {exc}).") from exc
     finally:
         tf.close()
+    if tuple(data.shape) != shape or np.dtype(data.dtype).kind not in "uif":
+        raise _file_error(p, f"the decoded pixels {tuple(data.shape)} do not match the declared shape {shape}.")
 
     arr = _apply_layout(data, layout)
     return ObservationFile(
@@ -431,12 +571,9 @@ def peek_polarization_axis(path, n_channels: int = DEFAULT_CHANNELS) -> int | No
     unreadable files). Never raises.
     """
     try:
-        with tifffile.TiffFile(os.fspath(path)) as tf:
-            if not tf.series:
-                return None
-            series = tf.series[0]
-            if np.dtype(series.dtype).kind not in "uif":
-                return None
+        p = Path(os.fspath(path))
+        with tifffile.TiffFile(p) as tf:
+            series = _first_series(tf, p)
             return _plan_layout(tuple(series.shape), series.axes, n_channels, None).pol
     except Exception:  # the napari reader probes arbitrary files: any failure means "not ours"
         return None
@@ -489,19 +626,20 @@ def read_psf(path) -> np.ndarray:
     p = _check_readable(path)
     if p.suffix.lower() == ".npy":
         try:
-            arr = np.load(p, allow_pickle=False)
+            # memory-mapped first: numpy then checks the declared shape against the file size
+            arr = np.array(np.load(p, allow_pickle=False, mmap_mode="r"))
         except Exception as exc:
             raise _file_error(p, f"not a valid .npy file ({exc}).") from exc
         axes = None
     else:
-        tf = _open_tiff(p)
+        tf = _open_tiff(p, series=False)
         try:
-            series = tf.series[0]
+            series = _first_series(tf, p)
             axes = series.axes
             try:
                 arr = series.asarray()
             except Exception as exc:
-                raise _file_error(p, f"the pixel data could not be decoded ({exc}).") from exc
+                raise _file_error(p, f"the pixel data could not be decoded ({type(exc).__name__}: {exc}).") from exc
         finally:
             tf.close()
     if axes and axes.endswith("S") and arr.ndim >= 3 and arr.shape[-1] in (3, 4):
@@ -618,7 +756,7 @@ def _package_version() -> str:
 def read_stack_metadata(path) -> dict:
     """Return the metadata stored by :func:`write_stack` (``{}`` if the file has none)."""
     p = _check_readable(path)
-    tf = _open_tiff(p)
+    tf = _open_tiff(p, series=False)
     try:
         return _our_metadata(tf)
     finally:

@@ -15,6 +15,7 @@ function works on the arrays as given.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -34,9 +35,24 @@ class NormalizationSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def __post_init__(self):
+        for name in ("low", "high"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not 0 <= value <= 100:
+                raise SPoDInputError(f"normalization {name} must be a percentile in [0, 100], got {value!r}")
+        if not self.low < self.high:
+            raise SPoDInputError(f"normalization low ({self.low}) must be below high ({self.high})")
+        if not isinstance(self.enabled, bool):
+            raise SPoDInputError(f"normalization enabled must be true or false, got {self.enabled!r}")
+
     @classmethod
     def from_dict(cls, d: dict | None) -> "NormalizationSettings":
-        return cls(**d) if d else cls()
+        if not d:
+            return cls()
+        if not isinstance(d, dict) or not set(d) <= {"low", "high", "enabled"}:
+            raise SPoDInputError(f"normalization settings must have keys low, high, enabled; got {d!r}")
+        return cls(**d)
 
 
 @dataclass(frozen=True)

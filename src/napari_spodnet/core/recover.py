@@ -33,7 +33,7 @@ from .network import UnrolledISTA
 from .physics import SPoDOperator
 from .preprocess import Normalization, NormalizationSettings, fit_normalization, preprocess
 from .solvers import DEFAULT_LAMBDA, fista
-from .validation import DEFAULT_CHANNELS, SPoDInputError, check_observation, check_psf
+from .validation import DEFAULT_CHANNELS, SPoDInputError, check_lam, check_observation, check_psf
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "default.safetensors"
 
@@ -183,6 +183,8 @@ def recover(stack, psf=None, method: str = "spodnet", model=None, tile: int | No
     :func:`napari_spodnet.stream.recover_to_file` (the same :class:`FrameRecoverer` frame by frame).
     """
     start = time.perf_counter()
+    if lam is not None:
+        lam = check_lam(lam)
     if method not in ("spodnet", "fista"):
         raise SPoDInputError(f"method must be 'spodnet' or 'fista', got {method!r}")
     engine = FrameRecoverer.create(psf, method=method, model=model, tile=tile, overlap=overlap, device=device,

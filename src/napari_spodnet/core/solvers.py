@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .physics import SPoDOperator
-from .validation import SPoDInputError
+from .validation import SPoDInputError, check_lam
 
 #: Default regularisation on intensity-normalised data (see ``recover.normalize_observation``):
 #: visibly sparse yet faithful recoveries of the sample data.
@@ -76,12 +76,22 @@ def _initial_step(op: SPoDOperator, y: torch.Tensor, step) -> tuple[float, bool]
 
 def _solve(op: SPoDOperator, y, lam: float, *, accelerate: bool, max_iter: int, tol: float, x0, step,
            restart: bool, callback: Callback | None) -> SolverResult:
-    if lam < 0:
-        raise SPoDInputError(f"lambda must be >= 0, got {lam}")
-    if max_iter < 1:
-        raise SPoDInputError(f"max_iter must be >= 1, got {max_iter}")
+    lam = check_lam(lam)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise SPoDInputError(f"max_iter must be a whole number >= 1, got {max_iter!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not np.isfinite(tol) or tol < 0:
+        raise SPoDInputError(f"tol must be a finite number >= 0, got {tol!r}")
     start = time.perf_counter()
-    y = op._check(torch.as_tensor(y) if not isinstance(y, torch.Tensor) else y, "y")
+    y_in = torch.as_tensor(np.asarray(y)) if not isinstance(y, torch.Tensor) else y
+    if y_in.dtype == torch.bool or y_in.is_complex():
+        raise SPoDInputError(f"y must hold real numbers, got dtype {y_in.dtype}")
+    y = op._check(y_in, "y")
+    if y.numel() == 0:
+        raise SPoDInputError(f"y is empty (shape {tuple(y.shape)})")
+    if y.shape[-2] < op.psf_shape[0] or y.shape[-1] < op.psf_shape[1]:
+        raise SPoDInputError(f"The PSF {tuple(op.psf_shape)} is larger than the image {tuple(y.shape[-2:])}.")
+    if not bool(torch.isfinite(y).all()):
+        raise SPoDInputError("y contains NaN or infinite values; clean the data first.")
     n_obs, n_img = op.sizes(y.shape)
     batch = y.shape[:-3]
     reduce = (-3, -2, -1)

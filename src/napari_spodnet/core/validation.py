@@ -7,6 +7,8 @@ producing a silently wrong recovery.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 DEFAULT_CHANNELS = 18
@@ -93,3 +95,15 @@ def check_observation(observation, n_channels: int = DEFAULT_CHANNELS, psf_shape
                 f"The PSF ({a} x {b}) is larger than the image ({shape[-2]} x {shape[-1]})."
             )
     return arr
+
+
+#: Larger weights overflow float32 in the solvers; already far beyond "everything is zero".
+MAX_LAMBDA = 1e30
+
+
+def check_lam(lam, what: str = "lambda") -> float:
+    """A regularisation weight: a finite real number in [0, MAX_LAMBDA]."""
+    if isinstance(lam, bool) or not isinstance(lam, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(lam)) or not 0 <= lam <= MAX_LAMBDA:
+        raise SPoDInputError(f"{what} must be a finite number >= 0 (at most {MAX_LAMBDA:g}), got {lam!r}.")
+    return float(lam)
