@@ -199,7 +199,8 @@ def test_train_quick_then_save(make_napari_viewer, qtbot, sim, tmp_path):
     assert len(ticks) > 3  # the event loop kept running during training
     xs, train = w.plot.series("train")
     _, val = w.plot.series("validation")
-    assert len(xs) == 3 and len(val) == 3  # layer 1 step 1, layer 2 steps 1 and 2
+    # custom settings start from the end-to-end ``quick`` recipe: one point per epoch, train and validation
+    assert len(xs) >= 1 and len(val) == len(xs)
     assert np.isfinite(train).all()
     assert w.model is not None and w.model.n_layers == 2
     assert w.start_button.text() == "Start training"

@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.checkpoint import save_checkpoint
-from ..core.training import PRESETS, Trainer, TrainingConfig, TrainingError, TrainingProgress
+from ..core.training import PRESET_DESCRIPTIONS, PRESETS, Trainer, TrainingConfig, TrainingError, TrainingProgress
 from ..core.validation import SPoDInputError
 from ._controls import ProgressRow, make_spin
 from ._jobs import Job, JobWidget
@@ -70,7 +70,7 @@ class TrainWidget(JobWidget):
         tips = []
         for name, preset in PRESETS.items():  # every preset core.training defines, with its cost where it says
             self.preset_combo.addItem(name, name)
-            description = preset.get("description") if isinstance(preset, dict) else None
+            description = PRESET_DESCRIPTIONS.get(name)
             if description:
                 self.preset_combo.setItemData(self.preset_combo.count() - 1, description, Qt.ItemDataRole.ToolTipRole)
                 tips.append(f"{name}: {description}")
@@ -154,9 +154,7 @@ class TrainWidget(JobWidget):
         self._show_preset_description()
 
     def _show_preset_description(self) -> None:
-        preset = PRESETS.get(self.preset_combo.currentData())
-        description = preset.get("description") if isinstance(preset, dict) else None
-        self.preset_description.setText(description or "")
+        self.preset_description.setText(PRESET_DESCRIPTIONS.get(self.preset_combo.currentData(), ""))
 
     def _apply_preset(self, name) -> None:
         if name not in PRESETS:
