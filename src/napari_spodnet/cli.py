@@ -352,6 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spodnet", description="Fast SPoD image recovery: FISTA and SPoD-Net.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def streaming_options(p):  # recover and fista write series frame by frame
+        p.add_argument("--only", default="image", metavar="OUTPUTS",
+                       help="outputs to write, comma-separated from image,intensity,orientation, or 'all' (default: "
+                            "image); the first goes to OUTPUT, the others beside it (OUT_intensity.tif) or into OUT.zarr")
+        p.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from its partial output (OUT.partial.zarr / .tif)")
+        p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                       help="recover the frames on a dask.distributed scheduler (pip install napari-spodnet[cluster])")
+
     def common(p, device=True):
         p.add_argument("--n-channels", type=int, default=18, help="polarization images per observation (18)")
         p.add_argument("--axis", type=int, default=None,
@@ -388,13 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-restart", action="store_true")
     p.add_argument("--tile", type=int, default=None)
     p.add_argument("--no-normalize", action="store_true", help="use intensities as given")
-    p.add_argument("--only", default="image", metavar="OUTPUTS",
-                   help="outputs to write, comma-separated from image,intensity,orientation, or 'all' (default: "
-                        "image); the first goes to OUTPUT, the others beside it (OUT_intensity.tif) or into OUT.zarr")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its partial output (OUT.partial.zarr / .tif)")
-    p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
-                   help="recover the frames on a dask.distributed scheduler (pip install napari-spodnet[cluster])")
+    streaming_options(p)
     common(p)
     p.set_defaults(func=cmd_fista)
 
@@ -430,13 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="OUT.tif (BigTIFF) or OUT.zarr (OME-Zarr)")
     p.add_argument("--tile", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="frames per batch (default: 1 on CPU, 8 on GPU)")
-    p.add_argument("--only", default="image", metavar="OUTPUTS",
-                   help="outputs to write, comma-separated from image,intensity,orientation, or 'all' (default: "
-                        "image); the first goes to OUTPUT, the others beside it (OUT_intensity.tif) or into OUT.zarr")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its partial output (OUT.partial.zarr / .tif)")
-    p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
-                   help="recover the frames on a dask.distributed scheduler (pip install napari-spodnet[cluster])")
+    streaming_options(p)
     common(p)
     p.set_defaults(func=cmd_recover)
     return parser

@@ -96,35 +96,23 @@ class SeparableSPoDConv:
     def forward(x: torch.Tensor, g_spectrum: torch.Tensor, left: torch.Tensor, right: torch.Tensor | None,
                 kernel_shape: tuple[int, int]) -> torch.Tensor:
         """(..., c, h, w) -> (..., c, h-a+1, w-b+1)."""
-        a, b = kernel_shape
-        h, w = x.shape[-2:]
-        s = _spatial_fft_shape(g_spectrum, h, w)
-        z = x if right is None else torch.einsum("rk,...khw->...rhw", right, x)
-        zf = torch.fft.rfft2(z, s=s)
-        blurred = torch.fft.irfft2(zf * g_spectrum, s=s)[..., a - 1:h, b - 1:w]
-        return torch.einsum("tr,...rhw->...thw", left, blurred)
+        return torch.einsum("tr,...rhw->...thw", left, _blur_valid(x, g_spectrum, right, kernel_shape))
 
     @staticmethod
     def adjoint(y: torch.Tensor, g_spectrum: torch.Tensor, left: torch.Tensor, right: torch.Tensor | None,
                 kernel_shape: tuple[int, int]) -> torch.Tensor:
         """(..., c, H, W) -> (..., c, H+a-1, W+b-1); the exact transpose of :meth:`forward`."""
-        a, b = kernel_shape
-        big_h, big_w = y.shape[-2:]
-        h, w = big_h + a - 1, big_w + b - 1
-        s = _spatial_fft_shape(g_spectrum, h, w)
-        r = torch.einsum("tr,...thw->...rhw", left, y)
-        padded = torch.nn.functional.pad(r, (b - 1, s[1] - w, a - 1, s[0] - h))
-        corr = torch.fft.irfft2(torch.fft.rfft2(padded) * g_spectrum.conj(), s=s)[..., :h, :w]
+        corr = _correlate_full(y, g_spectrum, left, kernel_shape)
         return corr if right is None else torch.einsum("rk,...rhw->...khw", right, corr)
 
 
-def _blur_valid(x: torch.Tensor, g_spectrum: torch.Tensor, right: torch.Tensor, kernel_shape) -> torch.Tensor:
-    """Harmonic projection and valid blur of ``x`` (..., c, h, w) -> (..., r, H, W): the forward
-    pass before its channel mixing."""
+def _blur_valid(x: torch.Tensor, g_spectrum: torch.Tensor, right: torch.Tensor | None, kernel_shape) -> torch.Tensor:
+    """Harmonic projection (none when ``right`` is None) and valid blur of ``x`` (..., c, h, w) ->
+    (..., r, H, W): the forward pass before its channel mixing."""
     a, b = kernel_shape
     h, w = x.shape[-2:]
     s = _spatial_fft_shape(g_spectrum, h, w)
-    z = torch.einsum("rk,...khw->...rhw", right, x)
+    z = x if right is None else torch.einsum("rk,...khw->...rhw", right, x)
     return torch.fft.irfft2(torch.fft.rfft2(z, s=s) * g_spectrum, s=s)[..., a - 1:h, b - 1:w]
 
 
