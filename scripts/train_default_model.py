@@ -2,8 +2,9 @@
 
     python scripts/train_default_model.py [--device cuda] [--out src/napari_spodnet/models/default.safetensors]
 
-Recipe: the ``standard`` preset (``core.training.PRESETS``): 10 layers starting as 10 FISTA steps,
-per-layer step, threshold and momentum learned in log space and untied back-projection filters,
+Recipe: the ``standard`` preset (``core.training.PRESETS``): 10 layers starting as 10 FISTA steps with a
+Wiener-like Fourier preconditioner,
+per-layer step, threshold, momentum and preconditioner (regularisation, radial profile) learned in log space,
 all layers trained together on the objective, fresh crops every epoch. Synthetic training data:
 ``--observations`` simulated observations (seeds 100, 101, ...) of ``--size`` pixels with the
 default (Airy) PSF, at 50, 200 and 1000 photons in turn. Validation: seeds 90-92. The held-out
@@ -56,8 +57,9 @@ def main(argv=None) -> None:
             print(f"{p.message}: train {p.train_loss:.6g} val {p.val_loss:.6g} ({p.elapsed:.0f} s)", flush=True)
 
     net = trainer.run(report)
-    net.metadata.update(name="default", description="10-layer SPoD-Net (harmonic h, learned log-space step/threshold/"
-                        "momentum schedule, untied back-projection filters), trained end to end on synthetic "
+    net.metadata.update(name="default", description="10-layer SPoD-Net (harmonic h, Wiener-like preconditioned step, "
+                        "learned log-space step/threshold/"
+                        "momentum/preconditioner schedule), trained end to end on synthetic "
                         "filaments and puncta at 50/200/1000 photons, default Airy PSF (NA 1.2, 520 nm, 65 nm pixels)",
                         script="scripts/train_default_model.py", preset=args.preset,
                         training_observations=args.observations, training_size=args.size)

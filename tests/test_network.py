@@ -445,3 +445,101 @@ def test_checkpoint_from_before_issue_10_still_loads():
 def test_bad_parameterization_rejected():
     with pytest.raises(SPoDInputError, match="parameterization"):
         SPoDNet(np.ones((3, 3)), 18, n_layers=1, parameterization="exp")
+
+
+# -- the Fourier preconditioner (issue 10) ----------------------------------------------------------
+
+def _held_out(psf_arr, size=48, photons=1000.0, seed=7):
+    sim = simulate((size, size), psf=psf_arr, seed=seed, photons=photons)
+    return torch.as_tensor(_normalised(sim.observation).astype(np.float32))
+
+
+def test_untrained_preconditioner_beats_plain_fista_steps():
+    """The Wiener-like step (delta = 0.1) with FISTA momentum must reach a lower objective in 10 layers than
+    10 plain FISTA steps: the probe measured about 2x fewer iterations for the same objective."""
+    psf_arr = gaussian_psf(15, 2.5)
+    op = SPoDOperator(psf_arr, C)
+    y = _held_out(psf_arr)
+    common = dict(n_layers=10, lam=LAM, alpha=0.0, momentum=True, parameterization="log")
+    plain = SPoDNet.from_operator(op, **common)
+    precond = SPoDNet.from_operator(op, **common, preconditioned=True)
+    f_plain = float(op.objective(y, plain.recover(y), LAM))
+    f_precond = float(op.objective(y, precond.recover(y), LAM))
+    assert f_precond < f_plain - 0.02 * abs(f_plain), (f_precond, f_plain)
+
+
+def test_preconditioner_formula_and_limits():
+    net = SPoDNet(gaussian_psf(7, 1.2), C, n_layers=1, preconditioned=True, parameterization="log")
+    layer = net.layers[0]
+    spec = torch.fft.rfft2(layer.g.detach(), s=(32, 32))
+    with torch.no_grad():
+        p = layer.preconditioner(spec)
+        power = spec.abs() ** 2 / spec.abs()[0, 0] ** 2
+        delta = math.exp(float(layer.log_delta[0]))
+        assert p.shape == (3, 32, 17)
+        assert torch.allclose(p[0], (1 + delta) / (power + delta), rtol=1e-5)
+        assert torch.allclose(p[1], (1 + delta) / (0.25 * power + delta), rtol=1e-5)
+        assert abs(float(p[0, 0, 0]) - 1.0) < 1e-6  # the intensity's DC keeps ISTA's step
+        layer.log_delta.fill_(5.0)  # delta -> large: the plain gradient step
+        assert float((layer.preconditioner(spec) - 1).abs().max()) < 0.01
+        layer.log_shape[:, -1] = 1.0  # the radial correction reaches the highest frequencies only
+        q = layer.preconditioner(spec)
+        assert abs(float(q[0, 0, 0]) - float(layer.preconditioner(spec)[0, 0, 0])) < 1e-6
+        assert float(q[0, 16, 16]) > 2.0
+
+
+def test_preconditioner_parameters_are_scalars_and_trainable():
+    psf_arr = gaussian_psf(7, 1.2)
+    net = SPoDNet(psf_arr, C, n_layers=3, preconditioned=True, momentum=True, parameterization="log")
+    layer = net.layers[1]
+    names = {id(p) for p in layer.scalar_parameters()}
+    assert id(layer.log_delta) in names and id(layer.log_shape) in names
+    assert id(layer.g) not in names
+    y = torch.rand(2, C, 16, 16)
+    net(y).sum().backward()
+    assert layer.log_delta.grad is not None and float(layer.log_delta.grad.abs().sum()) > 0
+    assert layer.log_shape.grad is not None and float(layer.log_shape.grad.abs().sum()) > 0
+
+
+def test_preconditioned_network_round_trips_and_rejects_full_orientation(tmp_path):
+    from napari_spodnet.core.checkpoint import load_checkpoint, save_checkpoint
+
+    net = SPoDNet(gaussian_psf(7, 1.2), C, n_layers=3, preconditioned=True, momentum=True, parameterization="log")
+    with torch.no_grad():
+        net.layers[1].log_delta.fill_(-2.0)
+        net.layers[2].log_shape[0, 3] = 0.7
+    loaded = load_checkpoint(save_checkpoint(net, tmp_path / "p.safetensors"))
+    assert loaded.preconditioned and loaded.config()["preconditioned"] is True
+    y = torch.rand(C, 12, 12)
+    assert torch.allclose(loaded.recover(y), net.recover(y), atol=1e-6)
+    assert "preconditioned" not in SPoDNet(gaussian_psf(7, 1.2), C, n_layers=1).config()  # old headers unchanged
+    with pytest.raises(SPoDInputError, match="harmonic"):
+        SPoDNet(gaussian_psf(7, 1.2), C, n_layers=1, orientation="full", preconditioned=True)
+
+
+def test_build_network_ignores_settings_it_does_not_know(psf):
+    config = SPoDNet(psf, C, n_layers=2).config()
+    config["from_the_future"] = 3
+    net = build_network(config, psf)
+    assert net.n_layers == 2 and net.metadata["ignored_config"] == ["from_the_future"]
+
+
+def test_network_pickles_after_inference(psf):
+    import pickle
+
+    net = SPoDNet(psf, C, n_layers=2, preconditioned=True)
+    y = torch.rand(C, 12, 12)
+    x = net.recover(y)  # fills the spectra cache (closures)
+    assert torch.equal(pickle.loads(pickle.dumps(net)).recover(y), x)
+
+
+def test_shipped_model_of_session_12_still_loads():
+    """The default model shipped before the preconditioner (untied filters, log schedule)."""
+    from pathlib import Path
+
+    from napari_spodnet.core.checkpoint import load_checkpoint
+
+    net = load_checkpoint(Path(__file__).parent / "data" / "default_model_v1.safetensors")
+    assert net.untied and not net.preconditioned and net.parameterization == "log"
+    x = net.recover(torch.rand(C, 40, 40))
+    assert x.shape == (C, 71, 71) and torch.isfinite(x).all()

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .network import ARCHITECTURES, UnrolledISTA, build_network
+from .network import ARCHITECTURES, PARAMETERIZATIONS, UnrolledISTA, build_network
 from .validation import SPoDInputError
 
 FORMAT = "napari-spodnet-checkpoint"
@@ -156,10 +156,18 @@ def _validate_config(config: dict, metadata: dict, path: Path) -> None:
             raise CheckpointError(f"{path.name}: damaged checkpoint header: {key} = {config[key]!r}.")
     if "n_harmonics" in config:
         _number(config, "n_harmonics", path, integer=True, low=0, high=max(0, (c - 1) // 2))
-    if "momentum" in config and not isinstance(config["momentum"], bool):
-        raise CheckpointError(f"{path.name}: damaged checkpoint header: momentum = {config['momentum']!r}.")
+    for key in ("momentum", "untied", "preconditioned"):
+        if key in config and not isinstance(config[key], bool):
+            raise CheckpointError(f"{path.name}: damaged checkpoint header: {key} = {config[key]!r}.")
+    if "parameterization" in config and config["parameterization"] not in PARAMETERIZATIONS:
+        raise CheckpointError(f"{path.name}: damaged checkpoint header: parameterization = "
+                              f"{config['parameterization']!r}.")
+    if config.get("preconditioned") and (config.get("architecture") != "spodnet"
+                                         or config.get("orientation", "harmonic") != "harmonic"):
+        raise CheckpointError(f"{path.name}: damaged checkpoint header: a preconditioned network must be a "
+                              "harmonic SPoD-Net.")
     known = {"architecture", "n_channels", "n_layers", "lam", "alpha", "lipschitz", "psf_shape", "threshold",
-             "orientation", "n_harmonics", "momentum"}
+             "orientation", "n_harmonics", "momentum", "untied", "preconditioned", "parameterization"}
     for key, value in config.items():
         if key not in known:  # parameters added by newer code: sane numbers only
             _check_unknown(value, f"{path.name}: damaged checkpoint header: {key}")

@@ -69,29 +69,42 @@ def _membranes(rng, h, w, c, area_scale):
 
 
 def _branching(rng, h, w, c, area_scale):
-    n_trees = max(1, int(round(3 * area_scale)))
+    n_trees = max(2, int(round(3 * area_scale)))
     image = np.zeros((c, h, w))
     for _ in range(n_trees):
-        stack = [(rng.uniform([0, 0], [h - 1, w - 1]), rng.uniform(0, 2 * np.pi), 0)]
-        segments = 0
-        while stack and segments < 40:
-            start, angle, depth = stack.pop()
-            length = rng.uniform(12, 35)
-            bend = rng.normal(0, 0.02)
-            steps = np.arange(0, length, 1.0)
-            angles = angle + bend * steps
-            pts = start + np.cumsum(np.stack([-np.sin(angles), np.cos(angles)], axis=1), axis=0)
-            pts = np.vstack([start, pts])
-            keep = (pts[:, 0] >= 0) & (pts[:, 0] <= h - 1) & (pts[:, 1] >= 0) & (pts[:, 1] <= w - 1)
-            end = int(np.argmin(keep)) if not keep.all() else len(pts)
-            pts = pts[:end]
-            if len(pts) >= 2:
-                image += render_filament(pts, (h, w), c, intensity=rng.uniform(0.4, 1.0) / (1 + 0.2 * depth))
-                segments += 1
-                if end == len(keep) and depth < 6:
-                    for _ in range(int(rng.integers(1, 3))):
-                        stack.append((pts[-1], angles[-1] + rng.choice([-1, 1]) * rng.uniform(0.3, 1.0), depth + 1))
+        # A tree is rooted in the central 70 % (the observation sees it, not only its blurred tail at
+        # the border) and redrawn when the border stops it after a few segments: a lone stub beside the
+        # frame would leave the observation almost empty and its truth dominated by unseen pixels.
+        for _attempt in range(20):
+            tree, segments = _grow_tree(rng, h, w, c)
+            if segments >= 6:
+                break
+        image += tree
     return image
+
+
+def _grow_tree(rng, h, w, c):
+    image = np.zeros((c, h, w))
+    stack = [(rng.uniform([0.15 * h, 0.15 * w], [0.85 * h, 0.85 * w]), rng.uniform(0, 2 * np.pi), 0)]
+    segments = 0
+    while stack and segments < 40:
+        start, angle, depth = stack.pop()
+        length = rng.uniform(12, 35)
+        bend = rng.normal(0, 0.02)
+        steps = np.arange(0, length, 1.0)
+        angles = angle + bend * steps
+        pts = start + np.cumsum(np.stack([-np.sin(angles), np.cos(angles)], axis=1), axis=0)
+        pts = np.vstack([start, pts])
+        keep = (pts[:, 0] >= 0) & (pts[:, 0] <= h - 1) & (pts[:, 1] >= 0) & (pts[:, 1] <= w - 1)
+        end = int(np.argmin(keep)) if not keep.all() else len(pts)
+        pts = pts[:end]
+        if len(pts) >= 2:
+            image += render_filament(pts, (h, w), c, intensity=rng.uniform(0.4, 1.0) / (1 + 0.2 * depth))
+            segments += 1
+            if end == len(keep) and depth < 6:
+                for _ in range(int(rng.integers(1, 3))):
+                    stack.append((pts[-1], angles[-1] + rng.choice([-1, 1]) * rng.uniform(0.3, 1.0), depth + 1))
+    return image, segments
 
 
 _RENDERERS = {"clusters": _clusters, "membranes": _membranes, "branching": _branching}

@@ -24,6 +24,7 @@ threshold a 512-pixel image as the objective at that size demands.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -38,6 +39,14 @@ ORIENTATIONS = ("harmonic", "full")
 #: the package's original form; Adam moves it by ~lr per step, so it stays near 1) or ``"log"``
 #: (its logarithm: Adam moves it by a *factor* ~exp(lr) per step, so schedules can move by factors).
 PARAMETERIZATIONS = ("multiplier", "log")
+#: Per-layer scalars (the schedule), as opposed to filters: step, threshold, momentum and the
+#: preconditioner's regularisation.
+SCALAR_NAMES = ("eta", "theta", "mu", "log_delta", "log_shape")
+#: Knots of the preconditioner's learned radial correction (spatial frequency 0 .. Nyquist).
+PRECONDITIONER_KNOTS = 6
+#: Initial regularisation of the preconditioner (relative to the PSF's squared DC gain): the best
+#: constant value in a grid over 1e-2 .. 3 on held-out simulate data (docs/results.md).
+PRECONDITIONER_DELTA = 0.1
 
 
 def leaky_soft_threshold(z: torch.Tensor, theta: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -72,27 +81,65 @@ class _Layer(nn.Module):
 
     def scalar_parameters(self) -> list:
         """Step, threshold and (with momentum) extrapolation weight: the layer's schedule."""
-        return [p for name, p in self.named_parameters() if name in ("eta", "theta", "mu")]
+        return [p for name, p in self.named_parameters() if name in SCALAR_NAMES]
 
     def filter_parameters(self) -> list:
         """Everything else: the layer's filters."""
-        return [p for name, p in self.named_parameters() if name not in ("eta", "theta", "mu")]
+        return [p for name, p in self.named_parameters() if name not in SCALAR_NAMES]
 
     def ops(self, image_hw):  # pragma: no cover - abstract
         raise NotImplementedError
 
 
+def harmonic_gains(n_channels: int, n_harmonics: int) -> torch.Tensor:
+    """Relative gain of ``A^T A`` on each orientation harmonic for the physics' cos^2 mixing, (2K+1,).
+
+    ``cos^2`` has harmonic coefficients [1/2, 1/2, 0]: the mean (harmonic 0) passes with gain
+    ``(c/2)^2`` and the first harmonic with ``(c/4)^2``, a quarter of it (higher harmonics: 0).
+    ISTA's single step is set by the largest gain, so orientation (harmonic 1) converges 4x slower
+    than intensity; the preconditioner evens this out.
+    """
+    gains = torch.zeros(2 * n_harmonics + 1, dtype=torch.float64)
+    gains[0] = 1.0
+    if n_harmonics >= 1:
+        gains[1:3] = 0.25
+    return gains
+
+
 class SPoDLayer(_Layer):
     """One SPoD-Net layer. ``untied``: the gradient step back-projects the residual with its own
     filters ``g_adj``, ``h_adj`` (a learned preconditioner, initialised at the PSF and cos^2) instead
-    of the transpose of ``g``, ``h``; the cost (FFTs per layer) is unchanged."""
+    of the transpose of ``g``, ``h``; the cost (FFTs per layer) is unchanged.
+
+    ``preconditioned`` (harmonic orientation only): the back-projection is followed, in the same
+    Fourier-domain product, by the regularised inverse of the data term's curvature on each
+    orientation harmonic ``j`` (a Wiener-like step),
+
+        P_j(f) = (1 + delta) / (rho_j |G(f)|^2 / |G(0)|^2 + delta),
+
+    with ``rho_j`` from :func:`harmonic_gains` and ``delta`` learned per layer (in log space;
+    ``delta -> inf`` is the plain gradient step). ``P = 1`` at zero frequency of the intensity, so
+    ``eta`` keeps its meaning; frequencies the PSF damps get up to ``1 + 1/delta`` times the step.
+    The filter is folded into the back-projection spectrum, so a layer costs the same FFTs."""
 
     def __init__(self, psf: torch.Tensor, n_channels: int, orientation: str, n_harmonics: int,
-                 parameterization: str = "multiplier", untied: bool = False):
+                 parameterization: str = "multiplier", untied: bool = False, preconditioned: bool = False):
         super().__init__(parameterization)
         self.n_channels = n_channels
         self.orientation = orientation
         self.untied = bool(untied)
+        self.preconditioned = bool(preconditioned)
+        if self.preconditioned:
+            if orientation != "harmonic":
+                raise SPoDInputError("the preconditioner needs the harmonic orientation filter")
+            # One delta per orientation harmonic: intensity and orientation are damped differently.
+            self.log_delta = nn.Parameter(torch.full((2 * n_harmonics + 1,), math.log(PRECONDITIONER_DELTA),
+                                                     dtype=psf.dtype))
+            self.register_buffer("gains", harmonic_gains(n_channels, n_harmonics).to(psf.dtype)[:, None, None],
+                                 persistent=False)
+            # A smooth learned correction of P over the radial frequency, per harmonic (0 = none):
+            # log P_j(f) += piecewise-linear interpolation of log_shape[j] at |f|.
+            self.log_shape = nn.Parameter(torch.zeros(2 * n_harmonics + 1, PRECONDITIONER_KNOTS, dtype=psf.dtype))
         self.g = nn.Parameter(psf.detach().clone())
         c = n_channels
         if orientation == "harmonic":
@@ -129,9 +176,31 @@ class SPoDLayer(_Layer):
             left_adj, right_adj = self._factors(self.h_adj)
         else:
             g_adj_spec, left_adj, right_adj = g_spec, left, right
+        if self.preconditioned:
+            g_adj_spec = g_adj_spec * self.preconditioner(g_spec)
         shape = tuple(self.g.shape)
         return (lambda x: SeparableSPoDConv.forward(x, g_spec, left, right, shape),
                 lambda r: SeparableSPoDConv.adjoint(r, g_adj_spec, left_adj, right_adj, shape))
+
+
+    def preconditioner(self, g_spec: torch.Tensor) -> torch.Tensor:
+        """``P_j(f)`` (2K+1, s0, s1//2+1) for the forward filter's spectrum ``g_spec`` (s0, s1//2+1)."""
+        power = g_spec.real.pow(2) + g_spec.imag.pow(2)
+        power = power / power[0, 0].clamp_min(1e-30)
+        delta = self.log_delta.exp()[:, None, None]
+        return (1 + delta) / (self.gains * power + delta) * self._radial_correction(power.shape)
+
+    def _radial_correction(self, spectrum_shape) -> torch.Tensor:
+        """exp of the learned radial profile, (2K+1, s0, s1//2+1); 1 where ``log_shape`` is 0."""
+        s0, s1 = spectrum_shape
+        fy = torch.fft.fftfreq(s0, dtype=self.log_shape.dtype, device=self.log_shape.device)
+        fx = torch.fft.rfftfreq(2 * (s1 - 1), dtype=self.log_shape.dtype, device=self.log_shape.device)
+        radius = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2).clamp(max=0.5) / 0.5  # 0 .. 1 (Nyquist)
+        pos = radius * (self.log_shape.shape[-1] - 1)
+        lo = pos.floor().long().clamp(max=self.log_shape.shape[-1] - 2)
+        frac = pos - lo
+        values = self.log_shape[:, lo] * (1 - frac) + self.log_shape[:, lo + 1] * frac
+        return values.exp()
 
 
 class LISTALayer(_Layer):
@@ -200,6 +269,12 @@ class UnrolledISTA(nn.Module):
     @property
     def psf_shape(self) -> tuple[int, int]:
         return tuple(self.psf.shape)
+
+    def __getstate__(self):
+        # The spectra cache holds closures: drop it so a network pickles (dask ships it to workers).
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        return state
 
     @property
     def n_layers(self) -> int:
@@ -325,7 +400,7 @@ class SPoDNet(UnrolledISTA):
     def __init__(self, psf, n_channels: int = 18, n_layers: int = 10, lam: float = 0.05, alpha: float = 0.1,
                  threshold: str = "lst", orientation: str = "harmonic", n_harmonics: int = 1,
                  lipschitz: float | None = None, dtype=torch.float32, momentum: bool = False,
-                 parameterization: str = "multiplier", untied: bool = False):
+                 parameterization: str = "multiplier", untied: bool = False, preconditioned: bool = False):
         if orientation not in ORIENTATIONS:
             raise SPoDInputError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
         if orientation == "harmonic" and not 0 <= n_harmonics <= (n_channels - 1) // 2:
@@ -333,28 +408,33 @@ class SPoDNet(UnrolledISTA):
         self.orientation = orientation
         self.n_harmonics = int(n_harmonics)
         self.untied = bool(untied)
+        if preconditioned and orientation != "harmonic":
+            raise SPoDInputError("the preconditioner needs orientation='harmonic'")
+        self.preconditioned = bool(preconditioned)
         super().__init__(psf, n_channels, n_layers, lam, alpha, threshold, lipschitz, dtype, momentum,
                          parameterization)
 
     def _new_layer(self):
         return SPoDLayer(self.psf, self.n_channels, self.orientation, self.n_harmonics, self.parameterization,
-                         self.untied)
+                         self.untied, self.preconditioned)
 
     @classmethod
     def from_operator(cls, op: SPoDOperator, n_layers: int = 10, lam: float = 0.05, alpha: float = 0.1,
                       threshold: str = "lst", orientation: str = "harmonic", n_harmonics: int = 1,
                       momentum: bool = False, parameterization: str = "multiplier",
-                      untied: bool = False) -> "SPoDNet":
+                      untied: bool = False, preconditioned: bool = False) -> "SPoDNet":
         """Untrained network = ``n_layers`` ISTA iterations with ista's default step (exact for alpha = 0);
         with ``momentum``, ``n_layers`` FISTA iterations without restart (whatever the parameterization)."""
         net = cls(op.psf.detach().cpu().numpy(), op.n_channels, n_layers, lam, alpha, threshold, orientation,
                   n_harmonics, lipschitz=op.lipschitz_bound(), dtype=op.dtype, momentum=momentum,
-                  parameterization=parameterization, untied=untied)
+                  parameterization=parameterization, untied=untied, preconditioned=preconditioned)
         return net.to(device=op.device, dtype=op.dtype)
 
     def config(self) -> dict:
         cfg = super().config()
         cfg.update(orientation=self.orientation, n_harmonics=self.n_harmonics, untied=self.untied)
+        if self.preconditioned:  # only when used: checkpoints of older versions stay byte-identical
+            cfg["preconditioned"] = True
         return cfg
 
 
@@ -396,7 +476,15 @@ def build_network(config: dict, psf) -> UnrolledISTA:
     cfg.pop("psf_shape", None)
     if arch not in ARCHITECTURES:
         raise SPoDInputError(f"unknown architecture {arch!r}")
-    return ARCHITECTURES[arch](psf, **cfg)
+    cls = ARCHITECTURES[arch]
+    # Only the constructor's own arguments: a header written by newer code may carry settings this
+    # version does not know (reported in ``ignored``, never passed on as unexpected keywords).
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "psf", "dtype"}
+    ignored = sorted(set(cfg) - accepted)
+    net = cls(psf, **{k: v for k, v in cfg.items() if k in accepted})
+    if ignored:
+        net.metadata["ignored_config"] = ignored
+    return net
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -66,6 +66,7 @@ class TrainingConfig:
     momentum: bool = False               # learned FISTA momentum between layers (not in the paper)
     parameterization: str = "multiplier"  # step/threshold multipliers as such, or "log" (can move by factors)
     untied: bool = False                 # SPoD-Net: own back-projection filters per layer (learned preconditioner)
+    preconditioned: bool = False         # SPoD-Net: Wiener-like Fourier preconditioner per layer (learned delta)
     schedule: str = "layerwise"          # "layerwise" (Algorithm 1), "end-to-end", "layerwise+end-to-end"
     e2e_epochs: int = 0                  # epochs of the end-to-end stage (0 with schedule "end-to-end": ``epochs``)
     scalar_lr: float | None = None       # rate of steps, thresholds, momenta (None: lr)
@@ -100,9 +101,32 @@ class TrainingConfig:
         return replace(cls(**PRESETS[name]), preset_name=name, **overrides)
 
     def validate(self) -> None:
+        numbers = ("lam", "alpha", "lr", "scalar_lr", "filter_lr", "step2_new", "step2_old", "gamma",
+                   "deep_supervision")
+        for name in numbers:
+            value = getattr(self, name)
+            if value is None and name in ("scalar_lr", "filter_lr"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SPoDInputError(f"Invalid training setting: {name} must be a finite number, got {value!r}.")
+        integers = ("n_layers", "n_harmonics", "e2e_epochs", "equivalent_iterations", "epochs", "batch_size",
+                    "n_crops", "crop_size", "n_val_crops", "supervised_iterations", "seed")
+        for name in integers:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise SPoDInputError(f"Invalid training setting: {name} must be a whole number, got {value!r}.")
+        flags = ("momentum", "untied", "preconditioned", "fresh_crops", "log_loss", "flips", "preprocess")
+        for name in flags:
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise SPoDInputError(f"Invalid training setting: {name} must be True or False, "
+                                     f"got {getattr(self, name)!r}.")
         checks = [
             (self.architecture in ("spodnet", "listanet"), f"architecture {self.architecture!r}"),
-            (self.n_layers >= 1, "n_layers must be >= 1"),
+            (1 <= self.n_layers <= 1000, "n_layers must be in 1..1000"),
+            (0 <= self.alpha <= 1, "alpha must be in [0, 1]"),
+            (self.threshold in ("lst", "nst"), f"threshold {self.threshold!r}"),
+            (self.orientation in ("harmonic", "full"), f"orientation {self.orientation!r}"),
+            (self.n_harmonics >= 0, "n_harmonics must be >= 0"),
             (self.lam >= 0, "lam must be >= 0"),
             (self.lr > 0, "the learning rate must be > 0"),
             (self.epochs >= 1 and self.batch_size >= 1 and self.n_crops >= 1, "epochs, batch and crops must be >= 1"),
@@ -119,6 +143,8 @@ class TrainingConfig:
             (0 <= self.deep_supervision < 1, "deep_supervision must be in [0, 1)"),
             (self.equivalent_iterations >= 0, "equivalent_iterations must be >= 0"),
             (not self.untied or self.architecture == "spodnet", "untied filters need the spodnet architecture"),
+            (not self.preconditioned or (self.architecture == "spodnet" and self.orientation == "harmonic"),
+             "the preconditioner needs the spodnet architecture with the harmonic orientation filter"),
             (self.loss in ("unsupervised", "supervised"), f"loss {self.loss!r}"),
             (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
         ]
@@ -130,18 +156,22 @@ class TrainingConfig:
 SCHEDULES = ("layerwise", "end-to-end", "layerwise+end-to-end")
 
 #: The recipe of ``quick`` and ``standard`` (docs/results.md, "SPoD-Net against FISTA"): start from
-#: 10 FISTA steps (learned momentum), learn the per-layer step, threshold and momentum in log
-#: space at their own rate, all layers together on the log objective, on fresh crops every epoch.
-_END_TO_END = dict(momentum=True, parameterization="log", schedule="end-to-end", scalar_lr=0.03, filter_lr=0.0,
-                   fresh_crops=True)
+#: 10 FISTA steps (learned momentum) whose gradient step is preconditioned by a Wiener-like Fourier
+#: filter (learned regularisation and radial profile per layer); learn the per-layer step, threshold,
+#: momentum and preconditioner in log space at their own rate, all layers together on the objective,
+#: on fresh crops every epoch. The PSF filters stay fixed (learning them made training fragile).
+_END_TO_END = dict(momentum=True, parameterization="log", schedule="end-to-end", scalar_lr=0.06, filter_lr=0.0,
+                   fresh_crops=True, preconditioned=True)
 
 #: Training presets (the GUI and CLI list them with :data:`PRESET_DESCRIPTIONS`).
 PRESETS = {
     "quick": dict(_END_TO_END, lr=2e-3, batch_size=4, n_crops=24, crop_size=64, n_val_crops=4, epochs=50,
                   equivalent_iterations=300),
-    # Untied back-projection filters at a small rate (larger rates made training collapse in the probes).
-    "standard": dict(_END_TO_END, untied=True, filter_lr=3e-6, lr=2e-3, batch_size=8, n_crops=32, crop_size=64,
-                     n_val_crops=8, epochs=100, equivalent_iterations=400),
+    "standard": dict(_END_TO_END, lr=2e-3, batch_size=8, n_crops=32, crop_size=64, n_val_crops=8, epochs=150,
+                     equivalent_iterations=400),
+    # The session-12 recipe: untied back-projection filters at a small rate, no preconditioner.
+    "untied": dict(_END_TO_END, preconditioned=False, scalar_lr=0.03, untied=True, filter_lr=3e-6, lr=2e-3,
+                   batch_size=8, n_crops=32, crop_size=64, n_val_crops=8, epochs=100, equivalent_iterations=400),
     "quick-layerwise": dict(lr=2e-3, epochs=6, batch_size=4, n_crops=24, crop_size=64, n_val_crops=4),
     "paper": dict(lr=1e-4, epochs=500, batch_size=20, n_crops=100, crop_size=96, n_val_crops=12),
 }
@@ -149,10 +179,12 @@ PRESETS = {
 #: What each preset does and costs, for people choosing one (times measured on this project's 2 shared
 #: CPU cores, docs/results.md).
 PRESET_DESCRIPTIONS = {
-    "quick": "End-to-end schedule (log-space steps, thresholds, momenta), 300 steps on 64 px crops: "
-             "about 1-3 min on 2 CPU cores.",
-    "standard": "The shipped model's recipe (also learns untied back-projection filters), 400 steps of 8 "
-                "crops of 64 px: about 5-10 min on 2 CPU cores.",
+    "quick": "Preconditioned end-to-end recipe (log-space steps, thresholds, momenta, Wiener-like step), "
+             "300 steps of 4 crops of 64 px: about 3 min on 2 CPU cores; worth about 90-130 FISTA iterations.",
+    "standard": "The shipped model's recipe: the same, 600 steps of 8 crops of 64 px: about 7-12 min on 2 CPU "
+                "cores.",
+    "untied": "The previous (session 12) recipe: untied back-projection filters, no preconditioner, 400 steps: "
+              "about 4-8 min; worth about 30-60 FISTA iterations.",
     "quick-layerwise": "The paper's layer-wise Algorithm 1 on a short schedule (the package's former quick "
                        "preset): about 3-5 min on 2 CPU cores; stays close to 10 ISTA steps.",
     "paper": "The paper's layer-wise Algorithm 1 and schedule (500 epochs per step): GPU hours.",
@@ -188,6 +220,11 @@ LOG_MULTIPLIER_BOUND = 4.0
 RESTORE_TOLERANCE = 0.05
 #: Learned momenta stay in a range where the extrapolation is still a contraction in practice.
 MOMENTUM_BOUNDS = (-0.5, 2.5)
+#: The preconditioner's regularisation delta stays in [e^-7, e^5]: from a near-inverse of the blur
+#: (amplification up to ~1100x) to the plain gradient step.
+LOG_DELTA_BOUNDS = (-7.0, 5.0)
+#: The preconditioner's learned radial correction stays within a factor e^3 (about 20).
+LOG_SHAPE_BOUND = 3.0
 
 
 def fista_equivalent_iterations(objective: float, fista_history) -> float:
@@ -298,7 +335,7 @@ class Trainer:
                       parameterization=cfg.parameterization)
         if cfg.architecture == "spodnet":
             net = SPoDNet(self.psf, self.n_channels, orientation=cfg.orientation, n_harmonics=cfg.n_harmonics,
-                          untied=cfg.untied, **common)
+                          untied=cfg.untied, preconditioned=cfg.preconditioned, **common)
         else:
             net = LISTANet(self.psf, self.n_channels, **common)
         return net.to(self.device)
@@ -359,6 +396,9 @@ class Trainer:
                 layer.theta.clamp_(-LOG_MULTIPLIER_BOUND, LOG_MULTIPLIER_BOUND)
                 if hasattr(layer, "mu"):
                     layer.mu.clamp_(*MOMENTUM_BOUNDS)
+                if hasattr(layer, "log_delta"):
+                    layer.log_delta.clamp_(*LOG_DELTA_BOUNDS)
+                    layer.log_shape.clamp_(-LOG_SHAPE_BOUND, LOG_SHAPE_BOUND)
 
     def run_iter(self) -> Iterator[TrainingProgress]:
         """Generator of progress updates; returns (``StopIteration.value``) the trained network."""
