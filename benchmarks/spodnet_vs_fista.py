@@ -15,10 +15,12 @@ photon count, one observation is normalised and recovered by FISTA (restart, sam
 * intensity PSNR against the truth (least-squares scaled) minus FISTA's best PSNR over the
   iteration counts 10 ... ``--fista-iterations``.
 
-Variants (architecture x training): the previous shipped model (tied filters, layer-wise), the
-paper's layer-wise Algorithm 1 (``quick-layerwise`` preset) and the end-to-end log-schedule
-recipe (``quick`` preset), both trained here, and the shipped default model (``standard`` recipe).
-For the Gaussian PSF the ``quick`` variants are trained here on ``simulate`` data with that PSF.
+Variants (architecture x training): the first shipped model (tied filters, layer-wise), the
+session-12 model (log schedule, untied filters, no preconditioner), the shipped default
+(``standard``: preconditioned, end to end), and, trained here on ``simulate`` data: the
+preconditioned ``quick`` recipe, the paper's layer-wise Algorithm 1 (``quick-layerwise``) and the
+``quick`` recipe with the supervised loss (eq. 8) against FISTA-500 solutions (distillation).
+For the Gaussian PSF only the ``quick`` recipe is trained (on ``simulate`` data with that PSF).
 Writes ``spodnet_vs_fista.json`` and ``.md`` to ``--out``.
 """
 
@@ -45,6 +47,7 @@ from napari_spodnet.core.training import Trainer, TrainingConfig
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src" / "napari_spodnet" / "models" / "default.safetensors"
 PREVIOUS = ROOT / "tests" / "data" / "default_model_v0.safetensors"
+SESSION12 = ROOT / "tests" / "data" / "default_model_v1.safetensors"
 PHOTONS = (50.0, 200.0, 1000.0)
 PSNR_ITERATIONS = (10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 1200)
 
@@ -107,16 +110,21 @@ def run(args) -> dict:
     for psf_name, psf in psfs.items():
         variants = {}
         if psf_name == "default Airy":
-            for label, path in (("previous shipped model (tied, layer-wise, multipliers)", PREVIOUS),
-                                ("shipped default (standard: log schedule, untied, end-to-end)", SHIPPED)):
+            for label, path in (("first shipped model (tied, layer-wise, multipliers)", PREVIOUS),
+                                ("session-12 model (log schedule, untied, no preconditioner)", SESSION12),
+                                ("shipped default (standard: preconditioned, log schedule, end-to-end)", SHIPPED)):
                 if path.is_file():
                     net = load_checkpoint(path)
                     variants[label] = (net, float(net.metadata.get("training", {}).get("seconds", float("nan"))))
-        trained = (("paper layer-wise (quick-layerwise)", "quick-layerwise"), ("end-to-end log schedule (quick)", "quick"))
+        trained = (("preconditioned end-to-end (quick)", "quick", {}),
+                   ("paper layer-wise (quick-layerwise)", "quick-layerwise", {}),
+                   # Distillation (eq. 8): FISTA-500 solutions of fixed crops as targets, same recipe otherwise.
+                   ("quick, supervised against FISTA-500 (eq. 8)", "quick",
+                    dict(loss="supervised", supervised_iterations=40 if quick else 500, fresh_crops=False)))
         if psf_name != next(iter(psfs)):
-            trained = trained[1:]  # CPU budget: the paper's layer-wise run on the first PSF only
-        for label, preset in trained:
-            variants[label] = _train(psf, preset, tiny, train_obs, train_size)
+            trained = trained[:1]  # CPU budget: the other variants on the first PSF only
+        for label, preset, extra in trained:
+            variants[label] = _train(psf, preset, {**tiny, **extra}, train_obs, train_size)
             print(f"[{psf_name}] trained {label} in {variants[label][1]:.0f} s", flush=True)
         op = SPoDOperator(psf)
         for family in families:
@@ -159,7 +167,8 @@ def run(args) -> dict:
         for label, (net, seconds) in variants.items():
             results["variants"][f"{label} [{psf_name}]"] = dict(
                 psf=psf_name, training_seconds=seconds, model_bytes=_size_bytes(net),
-                config={k: v for k, v in net.config().items() if k in ("parameterization", "untied", "momentum")})
+                config={k: v for k, v in net.config().items()
+                        if k in ("parameterization", "untied", "momentum", "preconditioned")})
     return results
 
 
@@ -184,18 +193,26 @@ def _summary(results) -> str:
                      + f" | {info['training_seconds']:.0f} | {info['model_bytes'] / 1024:.1f} |")
     lines += ["", "| PSF | family | photons | FISTA best PSNR dB (at it.) | "
               + " | ".join(f"{k.rsplit(' [', 1)[0].split(' (')[0]}: FISTA it. / x1 / dB"
-                           for k in list(results["variants"])[:4]) + " |"]
-    first = [k.rsplit(" [", 1)[0] for k in results["variants"]]
-    lines.append("| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in first[:4]) + " |")
+                           for k in _headline(results)) + " |"]
+    first = [k.rsplit(" [", 1)[0] for k in _headline(results)]
+    lines.append("| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in first) + " |")
     for c in results["cases"]:
         cells = []
-        for label in first[:4]:
+        for label in first:
             r = c["networks"].get(label)
             cells.append("-" if r is None else
                          f"{r['fista_equivalent']} / {(r['speedup_1t'] or 0):.1f} / {r['psnr_minus_fista_best']:+.2f}")
         lines.append(f"| {c['psf']} | {c['family']} | {c['photons']:g} | {c['fista_best_psnr']:.2f} "
                      f"({c['fista_best_iteration']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _headline(results) -> list:
+    """The variants of the per-case table: the shipped default and the recipes trained here."""
+    keys = list(results["variants"])
+    preferred = [k for k in keys if k.startswith(("shipped default", "preconditioned end-to-end",
+                                                  "session-12", "paper layer-wise"))]
+    return (preferred or keys)[:4]
 
 
 def main(argv=None) -> dict:

@@ -97,7 +97,8 @@ def test_spodnet_vs_fista_quick(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     result = module.main(["--quick", "--out", str(tmp_path)])
-    assert len(result["variants"]) == 2 and len(result["cases"]) == 2
+    assert len(result["variants"]) == 3 and len(result["cases"]) == 2  # three recipes trained on one PSF
+    assert any("supervised" in key for key in result["variants"])
     for case in result["cases"]:
         assert np.isfinite(case["fista_best_psnr"])
         for row in case["networks"].values():
