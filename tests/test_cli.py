@@ -71,7 +71,7 @@ def test_recover_with_the_shipped_model(data_dir, tmp_path):
 
 
 def test_headless_demo_writes_tiffs_and_png(tmp_path, capsys):
-    code = cli.main(["demo", "--headless", "-o", str(tmp_path), "--size", "64", "--iterations", "30"])
+    code = cli.main(["demo", "--headless", "-o", str(tmp_path), "--size", "64", "--iterations", "300"])
     assert code == 0
     assert (tmp_path / "fista.tif").is_file() and (tmp_path / "spodnet.tif").is_file()
     png = tmp_path / "comparison.png"

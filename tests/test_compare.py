@@ -47,3 +47,21 @@ def test_psnr():
     truth = np.ones((4, 4))
     assert psnr(truth, truth) == float("inf")
     assert psnr(truth * 0.9, truth) == pytest.approx(20.0)
+
+
+def test_intensity_psnr_ignores_the_unrecoverable_margin():
+    from napari_spodnet.core.compare import intensity_psnr
+
+    rng = np.random.default_rng(0)
+    truth = np.zeros((3, 20, 20))
+    truth[:, 6:14, 6:14] = rng.random((3, 8, 8))  # inside the 11 x 11 field of view of a 10 x 10 PSF
+    good = truth.sum(axis=0) * 0.01  # right up to the scale (normalised units)
+    margin = good.copy()
+    margin[0, 0] = 1e6  # a wild value where the observation sees nothing
+    assert intensity_psnr(good, truth, (10, 10)) == float("inf")
+    assert intensity_psnr(margin, truth, (10, 10)) == float("inf")
+    noisy = good + 0.001 * rng.standard_normal(good.shape)
+    assert 10 < intensity_psnr(noisy, truth, (10, 10)) < 200
+    empty = np.zeros_like(truth)
+    empty[:, 0, 0] = 5.0  # truth only in the margin: nothing to score
+    assert np.isnan(intensity_psnr(good, empty, (10, 10)))

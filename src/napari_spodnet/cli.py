@@ -295,22 +295,17 @@ def demo_headless(out: Path, size: int = 256, seed: int = 0, iterations: int = 1
     for name, sec, obj, path in rows:
         print(f"{name:<10} {sec:9.3f} {obj:12.6g}  {path}")
     if "SPoD-Net" in results:
-        from .core.compare import compare_at_equal_objective, psnr
+        from .core.compare import compare_at_equal_objective, intensity_psnr
 
         net_res = results["SPoD-Net"]
         history = np.asarray(fista_result.info["fista_history"]).reshape(-1)
         times = fista_result.info.get("fista_times")
 
-        def intensity_psnr(res):
-            est, true = np.asarray(res.intensity, dtype=np.float64), sim.truth.sum(axis=0).astype(np.float64)
-            scale = float((est * true).sum() / max((est * est).sum(), 1e-30))  # least-squares scale to photons
-            return psnr(scale * est, true)
-
         comparison = compare_at_equal_objective(
             net_res.objective, net_res.seconds, history,
             fista_times=None if times is None else np.asarray(times).reshape(-1),
-            fista_seconds=fista_result.seconds, network_psnr=intensity_psnr(net_res),
-            fista_psnr=intensity_psnr(fista_result))
+            fista_seconds=fista_result.seconds, network_psnr=intensity_psnr(net_res.intensity, sim.truth, sim.psf.shape),
+            fista_psnr=intensity_psnr(fista_result.intensity, sim.truth, sim.psf.shape))
         print("\n".join(comparison.lines()))
     png = out / "comparison.png"
     save_comparison_png(png, sim.observation, results, truth=sim.truth)
