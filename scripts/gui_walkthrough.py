@@ -70,8 +70,9 @@ class CallbackTimer:
             self._undo.append((owner, attr, original))
 
         timed(_jobs.Job, "_safe", lambda job, fn: f"{job.title}: {getattr(fn, '__name__', '?')}")
-        timed(_jobs.StepChain, "_run_one",
-              lambda chain, _fn: f"{chain.title} step {_step_name(chain)}")
+        if hasattr(_jobs, "StepChain"):  # absent in versions before it (for before/after runs)
+            timed(_jobs.StepChain, "_run_one",
+                  lambda chain, _fn: f"{chain.title} step {_step_name(chain)}")
         return self
 
     def __exit__(self, *exc):

@@ -287,6 +287,10 @@ class JobWidget(QWidget):
 
     #: Names the job in status lines and notifications ("Recovery failed: ...").
     job_title = "Job"
+    #: The label of this widget's tab when napari tabifies docks (None: ``job_title``). napari
+    #: titles a dock "<display name> (napari-spodnet)", which Qt elides to "FISTA comp..." when
+    #: four docks share one tab bar; the dock's own title bar keeps the full name.
+    tab_title: str | None = None
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
@@ -298,6 +302,24 @@ class JobWidget(QWidget):
         # PSF files show at the observation's pixel size, whichever widget is open
         napari_viewer.layers.events.inserted.connect(self._match_psfs)
         self._match_psfs()
+
+    def showEvent(self, event):  # noqa: N802 (Qt)
+        super().showEvent(event)
+        self._shorten_tab_title()
+
+    def _shorten_tab_title(self) -> None:
+        """Give the enclosing dock (napari's QtViewerDockWidget) a short window title: Qt labels
+        tabified docks with their window titles; the full name stays as the tab's tooltip."""
+        from qtpy.QtWidgets import QDockWidget
+
+        dock = self.parent()
+        while dock is not None and not isinstance(dock, QDockWidget):
+            dock = dock.parent()
+        short = self.tab_title or self.job_title
+        if dock is None or dock.windowTitle() == short:
+            return
+        dock.setToolTip(dock.windowTitle())
+        dock.setWindowTitle(short)
 
     def _match_psfs(self, event=None) -> None:
         try:

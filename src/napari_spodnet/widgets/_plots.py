@@ -196,10 +196,10 @@ class CurvePlot(QWidget):
             if want == "log":
                 # plain "1e-03" labels: matplotlib's default 10^x labels go through mathtext, whose
                 # first use costs ~0.3 s and every redraw several ms per label
-                from matplotlib.ticker import LogFormatter, NullFormatter
+                from matplotlib.ticker import LogFormatter
 
                 ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=True))
-                ax.yaxis.set_minor_formatter(NullFormatter())
+                ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))  # 2e-04 ... within a decade
         limits = self._limits(tight)
         if limits is not None:
             ax.set_xlim(*limits[0])

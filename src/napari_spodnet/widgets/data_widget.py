@@ -98,6 +98,7 @@ class SpodDataWidget(JobWidget):
     """Choose the observation and PSF layers, check them, preprocess, average PSFs."""
 
     job_title = "Preprocessing"
+    tab_title = "SPoD data"
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(napari_viewer, parent)

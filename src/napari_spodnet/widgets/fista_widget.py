@@ -123,6 +123,7 @@ class FistaWidget(JobWidget):
     """Run FISTA with a live objective curve and compare it with SPoD-Net side by side."""
 
     job_title = "FISTA comparison"
+    tab_title = "FISTA"
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(napari_viewer, parent)
@@ -336,9 +337,9 @@ class FistaWidget(JobWidget):
                            "seconds": spod_res.seconds, "model": self._compare_model_text,
                            "translate": list(spod_res.translate)},
                           "gray", registered_placement(layer, spod_res.translate, drop=lead + (-3,))))
-            text += f"  |  SPoD-Net: L={spod_res.objective:.4g} in {spod_res.seconds:.2f} s"
+            text += f"\nSPoD-Net: L={spod_res.objective:.4g} in {spod_res.seconds:.2f} s"
             if self.comparison is not None and self.comparison.fista_match_iteration is not None:
-                text += (f"  |  FISTA reached it at iteration {self.comparison.fista_match_iteration} "
+                text += (f"\nFISTA reached it at iteration {self.comparison.fista_match_iteration} "
                          f"({self.comparison.speedup:.1f}x SPoD-Net's time)")
             if "difference" in views:
                 specs.append(("difference", "|FISTA − SPoD-Net|", "difference",

@@ -54,6 +54,7 @@ class TrainWidget(JobWidget):
     """Train a SPoD-Net on one or more observation layers; live loss curves; Stop keeps the best model."""
 
     job_title = "Training"
+    tab_title = "Train"
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(napari_viewer, parent)
