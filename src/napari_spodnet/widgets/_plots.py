@@ -109,7 +109,7 @@ class CurvePlot(QWidget):
     # ------------------------------------------------------------------ drawing
     def _data_changed(self) -> None:
         """Redraw now when the last redraw is old enough (same event-loop turn as the caller's other
-        updates), else once the interval has passed."""
+        updates), else when no data came for 1.5 intervals."""
         self._dirty = True
         interval = 1.0 / MAX_REDRAWS_PER_SECOND
         wait = self._last_redraw + interval - time.perf_counter()
@@ -117,8 +117,10 @@ class CurvePlot(QWidget):
         # and drawing on their turn keeps the plot's paint in the same pass as theirs
         if wait <= 0.2 * interval:
             self._redraw()
-        elif not self._trailing.isActive():
-            self._trailing.start(int(wait * 1000) + 1)
+        else:
+            # restarted by every point: it fires only once data stop coming (the last points of a
+            # run), never as a paint of its own between two batches of the caller
+            self._trailing.start(int(1500 * interval))
 
     def _finite_points(self):
         for xs, ys in self._series.values():
