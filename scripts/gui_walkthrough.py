@@ -1,6 +1,6 @@
 """Walk the napari plugin the way a new user does and measure how responsive the GUI stays.
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/gui_walkthrough.py [--quick] [--size 256]
+    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/gui_walkthrough.py [--quick] [--size 256] [--profile out.prof]
 
 In a *shown* napari window: write a SPoD observation, a time series and their PSF to TIFF,
 open them with ``viewer.open(path, plugin="napari-spodnet")``, dock the four widgets from the
@@ -8,7 +8,8 @@ Plugins menu's path (``viewer.window.add_plugin_dock_widget``, proxy viewer), th
 through: preprocessing, a short training run, recovery of the time series, and the FISTA
 comparison. A 50 ms QTimer runs throughout; every gap between its ticks above 50 ms is
 time the event loop could not answer the user. The script prints, per step, the job's
-wall time, the number of ticks, the longest gap and the number of gaps above 100 ms, then
+wall time, the number of ticks, the longest gap, the number of gaps above 100 ms and the
+plugin's slowest GUI-thread callbacks (job handlers, result-layout steps; to name a gap), then
 FISTA's time per iteration inside the GUI (worker thread, live curve on) against the same
 FISTA run headless in this process (no event loop) on the same frame, and the machine's
 load average (the numbers are noisy on a shared machine).
