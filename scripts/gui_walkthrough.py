@@ -1,6 +1,6 @@
 """Walk the napari plugin the way a new user does and measure how responsive the GUI stays.
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/gui_walkthrough.py [--quick] [--size 256]
+    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/gui_walkthrough.py [--quick] [--size 256] [--profile out.prof]
 
 In a *shown* napari window: write a SPoD observation, a time series and their PSF to TIFF,
 open them with ``viewer.open(path, plugin="napari-spodnet")``, dock the four widgets from the
@@ -8,7 +8,8 @@ Plugins menu's path (``viewer.window.add_plugin_dock_widget``, proxy viewer), th
 through: preprocessing, a short training run, recovery of the time series, and the FISTA
 comparison. A 50 ms QTimer runs throughout; every gap between its ticks above 50 ms is
 time the event loop could not answer the user. The script prints, per step, the job's
-wall time, the number of ticks, the longest gap and the number of gaps above 100 ms, then
+wall time, the number of ticks, the longest gap, the number of gaps above 100 ms and the
+plugin's slowest GUI-thread callbacks (job handlers, result-layout steps; to name a gap), then
 FISTA's time per iteration inside the GUI (worker thread, live curve on) against the same
 FISTA run headless in this process (no event loop) on the same frame, and the machine's
 load average (the numbers are noisy on a shared machine).
@@ -39,6 +40,55 @@ class StepReport:
     max_gap_ms: float
     gaps_over_100ms: int
     note: str = ""
+    #: the plugin's slowest GUI-thread callbacks during the step: (name, ms), slowest first
+    slowest: list = field(default_factory=list)
+
+
+class CallbackTimer:
+    """Times the plugin's GUI-thread callbacks (job progress / result handlers and the steps of
+    :class:`~napari_spodnet.widgets._jobs.StepChain`), so that a long gap can be named."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, float]] = []
+        self._undo = []
+
+    def __enter__(self):
+        from napari_spodnet.widgets import _jobs
+
+        def timed(owner, attr, label):
+            original = getattr(owner, attr)
+
+            def wrapper(obj, *args):
+                fn = args[0] if args and callable(args[0]) else None
+                name = label(obj, fn)
+                t0 = time.perf_counter()
+                try:
+                    return original(obj, *args)
+                finally:
+                    self.calls.append((name, (time.perf_counter() - t0) * 1000))
+
+            setattr(owner, attr, wrapper)
+            self._undo.append((owner, attr, original))
+
+        timed(_jobs.Job, "_safe", lambda job, fn: f"{job.title}: {getattr(fn, '__name__', '?')}")
+        if hasattr(_jobs, "StepChain"):  # absent in versions before it (for before/after runs)
+            timed(_jobs.StepChain, "_run_one",
+                  lambda chain, _fn: f"{chain.title} step {_step_name(chain)}")
+        return self
+
+    def __exit__(self, *exc):
+        for owner, attr, original in reversed(self._undo):
+            setattr(owner, attr, original)
+
+    def slowest(self, n: int = 3) -> list:
+        return sorted(self.calls, key=lambda c: -c[1])[:n]
+
+
+def _step_name(chain) -> str:
+    if not chain._steps:
+        return "done"
+    step = chain._steps[0]
+    return getattr(step, "step_name", None) or getattr(step, "__name__", "?")
 
 
 @dataclass
@@ -50,11 +100,13 @@ class WalkReport:
     size: int = 0
 
     def table(self) -> str:
-        lines = ["| step | wall time (s) | 50 ms ticks | longest gap (ms) | gaps > 100 ms | note |",
-                 "|---|---:|---:|---:|---:|---|"]
+        lines = ["| step | wall time (s) | 50 ms ticks | longest gap (ms) | gaps > 100 ms "
+                 "| slowest plugin GUI callbacks (ms) | note |",
+                 "|---|---:|---:|---:|---:|---|---|"]
         for s in self.steps:
+            slow = ", ".join(f"{name} {ms:.0f}" for name, ms in s.slowest)
             lines.append(f"| {s.step} | {s.seconds:.2f} | {s.ticks} | {s.max_gap_ms:.0f} | {s.gaps_over_100ms} "
-                         f"| {s.note} |")
+                         f"| {slow} | {s.note} |")
         ratio = self.fista_gui_ms_per_iteration / self.fista_headless_ms_per_iteration
         lines += ["", f"FISTA at {self.size} x {self.size}, {self.fista_iterations} iterations, median time per "
                       "iteration:", "",
@@ -89,11 +141,21 @@ class GapMonitor:
 
 
 def process(seconds: float = 0.0) -> None:
+    """Run the event loop for ``seconds``, as napari's running loop would.
+
+    ``processEvents`` alone never handles deferred deletes (``deleteLater``), which a running
+    ``exec()`` loop does: napari's "Opening Files" progress bar from ``viewer.open`` would
+    then never be destroyed, and the activity spinner it starts in the status bar keeps
+    animating, repainting the whole window ~18 times a second (each repaint composites
+    napari's OpenGL canvas, ~50 ms with software GL), which the user never sees.
+    """
+    from qtpy.QtCore import QCoreApplication, QEvent
     from qtpy.QtWidgets import QApplication
 
     end = time.perf_counter() + seconds
     while True:
         QApplication.processEvents()
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete.value)
         if time.perf_counter() >= end:
             break
         time.sleep(0.005)
@@ -104,16 +166,19 @@ def _run_step(report: WalkReport, name: str, start, is_running, timeout: float =
     monitor = GapMonitor()
     monitor.start()
     t0 = time.perf_counter()
-    start()
-    while is_running():
-        process(0.02)
-        if time.perf_counter() - t0 > timeout:
-            raise TimeoutError(f"{name} did not finish in {timeout:.0f} s")
-    seconds = time.perf_counter() - t0
-    process(0.2)
+    with CallbackTimer() as callbacks:
+        start()
+        while is_running():
+            process(0.02)
+            if time.perf_counter() - t0 > timeout:
+                raise TimeoutError(f"{name} did not finish in {timeout:.0f} s")
+        seconds = time.perf_counter() - t0
+        process(0.2)
     ticks, max_gap, over = monitor.stop()
-    report.steps.append(StepReport(name, seconds, ticks, max_gap, over, note() if note else ""))
-    print(f"  {name}: {seconds:.2f} s, longest gap {max_gap:.0f} ms, {over} gaps > 100 ms", flush=True)
+    report.steps.append(StepReport(name, seconds, ticks, max_gap, over, note() if note else "",
+                                   callbacks.slowest()))
+    print(f"  {name}: {seconds:.2f} s, longest gap {max_gap:.0f} ms, {over} gaps > 100 ms; slowest plugin "
+          f"callbacks: {callbacks.slowest()}", flush=True)
 
 
 def _click(button) -> None:
@@ -218,6 +283,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the tests' setting)")
+    parser.add_argument("--profile", metavar="PATH", help="cProfile the GUI thread during the walk, save the stats "
+                                                          "to PATH and print the 25 slowest calls by cumulative time")
     args = parser.parse_args(argv)
     if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         print("no display: run under xvfb-run (see the docstring)", file=sys.stderr)
@@ -230,7 +297,19 @@ def main(argv=None) -> int:
     viewer = napari.Viewer(title="napari-spodnet walk-through", show=True)
     viewer.window._qt_window.resize(1600, 1000)
     process(1.0)
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()  # the GUI thread only: workers run in other threads
+        profiler.enable()
     report = walk(viewer, quick=args.quick, size=args.size, fista_iterations=args.iterations)
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        profiler.dump_stats(args.profile)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
     load = os.getloadavg()
     print()
     print(report.table())

@@ -150,3 +150,122 @@ def test_writer_rejects_5d(tmp_path):
 
     with pytest.raises(SPoDInputError, match="5-D"):
         write_spod_tiff(str(tmp_path / "x.tif"), np.zeros((2, 2, 2, 2, 2), np.float32), {})
+
+
+# --------------------------------------------------------------------------- hostile files with our metadata
+
+
+def _ours(tmp_path, name, info: dict | str, data=None):
+    """An ImageJ TIFF carrying napari-spodnet metadata ``info`` (a dict, or raw JSON text) where our
+    writer puts it (the ImageJ ``Info`` property)."""
+    import json
+
+    data = np.random.default_rng(5).random((C, H, W)).astype(np.float32) if data is None else data
+    text = info if isinstance(info, str) else json.dumps({sio.METADATA_KEY: info})
+    path = tmp_path / f"{name}.tif"
+    tifffile.imwrite(path, data, imagej=True, metadata={"axes": "CYX", "Info": text})
+    return path, data
+
+
+def test_written_colormap_and_contrast_are_restored(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    image = np.random.default_rng(6).random((H, W)).astype(np.float32)
+    layer = viewer.add_image(image, name="I", colormap="magma", contrast_limits=(0.2, 0.7), scale=(0.1, 0.1),
+                             metadata={"spodnet": {"kind": "intensity", "pixel_size": 0.1}})
+    path = tmp_path / "intensity.tif"
+    layer.save(str(path), plugin="napari-spodnet")
+    again = viewer.open(str(path), plugin="napari-spodnet")[0]
+    assert again.colormap.name == "magma"
+    np.testing.assert_allclose(again.contrast_limits, (0.2, 0.7))
+    np.testing.assert_allclose(again.scale, (0.1, 0.1))
+    assert str(again.units[-1]) == "micrometer"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("translate", ["a", "b", "c"]),
+    ("translate", [0.0, float("nan"), 1.0]),
+    ("translate", [0.0, float("inf"), 1.0]),
+    ("translate", [True, 1.0, 2.0]),
+    ("translate", list(range(200_000))),
+    ("translate", {"y": 1}),
+    ("scale", [1.0, 0.0, 1.0]),
+    ("scale", [1.0, -2.0, 1.0]),
+    ("scale", [[1.0], [2.0], [3.0]]),
+    ("contrast_limits", [float("nan"), 1.0]),
+    ("contrast_limits", [1.0, 0.5]),
+    ("contrast_limits", ["0", "1"]),
+    ("contrast_limits", [0.0, 1.0, 2.0]),
+    ("colormap", 42),
+    ("colormap", {"name": "magma", "controls": [[0]]}),
+    ("layer_name", {"evil": True}),
+    ("layer_name", ""),
+    ("layer_name", "x" * 10_000),
+    ("rgb", "yes"),
+    ("rgb", True),  # 18 planes are no colour image
+    ("shape", "abc"),
+    ("shape", [C, H, W + 1]),
+    ("shape", [1e300, 1e300]),
+    ("shape", list(range(1, 100_000))),
+    ("pixel_size", "0.1"),
+    ("pixel_size", float("nan")),
+    ("pixel_size", -1.0),
+])
+def test_damaged_metadata_fields_are_ignored_with_a_warning(tmp_path, field, value):
+    path, data = _ours(tmp_path, "hostile", {"kind": "recovered", field: value})
+    reader = napari_get_reader(str(path))
+    assert reader is not None
+    with pytest.warns(UserWarning, match=f"damaged napari-spodnet metadata ignored .*{field}"):
+        layer_data, kwargs, layer_type = reader(str(path))[0]
+    np.testing.assert_array_equal(layer_data, data)  # the pixels are shown as stored
+    assert layer_type == "image" and kwargs["rgb"] is False
+    assert kwargs["name"] == "hostile" or (field != "layer_name")
+    for key in ("translate", "scale", "contrast_limits", "colormap"):
+        if key == field:
+            assert key not in kwargs or key == "contrast_limits"
+    lo, hi = kwargs["contrast_limits"]
+    assert np.isfinite(lo) and np.isfinite(hi) and lo < hi
+    meta = kwargs["metadata"]["spodnet"]
+    assert meta["kind"] == "recovered" and field in meta["ignored_metadata"]
+
+
+def test_hostile_metadata_opens_in_napari_without_foreign_errors(make_napari_viewer, tmp_path):
+    nested = {"a": {"b": {"c": {"d": {"e": {"f": [[[[1]]]]}}}}}}
+    info = {"kind": "orientation", "translate": [float("nan")] * 3, "scale": ["1", 1, 1],
+            "method": nested, "notes": list(range(100_000)), "objective": float("nan"),
+            "colormap": ["magma"], "contrast_limits": {"lo": 0}}
+    path, data = _ours(tmp_path, "junk", info)
+    viewer = make_napari_viewer()
+    with pytest.warns(UserWarning, match="damaged napari-spodnet metadata"):
+        layer = viewer.open(str(path), plugin="napari-spodnet")[0]
+    np.testing.assert_array_equal(layer.data, data)
+    np.testing.assert_allclose(layer.translate, 0)
+    np.testing.assert_allclose(layer.scale, 1)
+    meta = layer.metadata["spodnet"]
+    assert meta["notes"] is None  # a huge list is not carried into the layer
+    assert set(meta["ignored_metadata"]) == {"method (too large or too deeply nested)", "translate", "scale",
+                                             "notes (too large or too deeply nested)", "contrast_limits", "colormap"}
+    assert meta["method"]["a"]["b"]["c"] is None  # nesting is cut, the rest of the field is kept
+
+    # nesting too deep for JSON: not our metadata at all, so the reader goes by the shape (a stack of 18)
+    deep = '{"napari_spodnet": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path, data = _ours(tmp_path, "deep", deep)
+    layer = viewer.open(str(path), plugin="napari-spodnet")[0]
+    assert layer.metadata["spodnet"]["kind"] == "observation"
+
+
+def test_written_files_go_through_the_vetted_open(tmp_path):
+    """A file with our metadata but damaged pixels is refused with io's reason (SPoDInputError)."""
+    from napari_spodnet.core.validation import SPoDInputError
+
+    stack = np.random.default_rng(7).random((C, H, W)).astype(np.float32)
+    paths = write_spod_tiff(str(tmp_path / "recovered.tif"), stack,
+                            {"name": "r", "metadata": {"spodnet": {"kind": "recovered"}}})
+    path = tmp_path / "recovered.tif"
+    assert paths == [str(path)]
+    whole = path.read_bytes()
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(whole[: len(whole) - stack[0].nbytes * 3])
+    reader = napari_get_reader(str(truncated))
+    assert reader is not None
+    with pytest.raises(SPoDInputError, match="truncated"):
+        reader(str(truncated))

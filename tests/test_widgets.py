@@ -422,3 +422,83 @@ def test_run_demo_in_viewer(make_napari_viewer, qtbot):
     _wait_done(qtbot, job_widget)
     kinds = {layer.metadata.get("spodnet", {}).get("kind") for layer in viewer.layers}
     assert "intensity" in kinds
+
+
+# --------------------------------------------------------------------------- live plot and GUI steps
+
+
+def _curve_pixels(plot):
+    """How many pixels of the plot's canvas have the first curve's colour."""
+    from matplotlib.colors import to_rgba
+
+    rgba = np.asarray(plot.canvas.buffer_rgba())
+    colour = np.array(to_rgba(next(iter(plot._lines.values())).get_color())) * 255
+    return int((np.abs(rgba[..., :3].astype(float) - colour[:3]).sum(axis=-1) < 30).sum())
+
+
+def test_live_plot_redraws_only_the_curve_while_the_data_fit(qtbot, monkeypatch):
+    from napari_spodnet.widgets import _plots
+
+    monkeypatch.setattr(_plots, "MAX_REDRAWS_PER_SECOND", 1e6)  # every append draws
+    plot = _plots.CurvePlot(xlabel="iteration", ylabel="objective")
+    qtbot.addWidget(plot)
+    plot.set_x_range(0, 100)
+    plot.append("FISTA", 1, 1.0)
+    full = plot.full_redraws
+    short = _curve_pixels(plot)
+    for it in range(2, 40):  # inside the limits fitted at the first point (log room x3)
+        plot.append("FISTA", it, 1.0 - 0.01 * it)
+    assert plot.full_redraws == full  # the axes were not redrawn ...
+    assert plot.redraws >= full + 38
+    assert _curve_pixels(plot) > short + 20  # ... but the curve grew on the canvas
+    plot.append("FISTA", 40, 1e-3)  # below the y limits: the axes are refitted
+    assert plot.full_redraws == full + 1
+    lo, hi = plot.axes.get_ylim()
+    assert lo <= 1e-3 and hi >= 1.0 and plot.axes.get_yscale() == "log"
+    plot.flush()
+    assert plot.series("FISTA")[0] == list(range(1, 41))
+
+
+def test_live_plot_draws_at_a_bounded_rate(qtbot):
+    from napari_spodnet.widgets._plots import MAX_REDRAWS_PER_SECOND, CurvePlot
+
+    plot = CurvePlot()
+    qtbot.addWidget(plot)
+    start = plot.redraws
+    t0 = time.perf_counter()
+    for it in range(1, 500):
+        plot.append("train", it, 1.0 / it)
+    qtbot.wait(int(1500 / MAX_REDRAWS_PER_SECOND) + 300)  # the trailing redraw shows the last point
+    elapsed = time.perf_counter() - t0
+    assert plot.redraws - start <= MAX_REDRAWS_PER_SECOND * elapsed + 2
+    assert not plot._dirty
+
+
+def test_step_chain_runs_one_step_per_event_loop_turn(qtbot, notifications):
+    from qtpy.QtWidgets import QWidget
+
+    from napari_spodnet.widgets._jobs import StepChain
+
+    parent = QWidget()
+    qtbot.addWidget(parent)
+    ran, done = [], []
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(len(ran)))
+    timer.start(0)
+    chain = StepChain(parent, "Test", [lambda i=i: ran.append(i) for i in range(5)], on_done=lambda: done.append(1))
+    chain.start()
+    assert ran == [] and chain.running  # nothing happens inside start()
+    qtbot.waitUntil(lambda: not chain.running, timeout=5000)
+    timer.stop()
+    assert ran == [0, 1, 2, 3, 4] and done == [1]
+    assert len(set(ticks)) >= 3  # other events ran between the steps
+
+    def fail():
+        raise ValueError("broken step")
+
+    ran.clear()
+    chain = StepChain(parent, "Test", [lambda: ran.append(0), fail, lambda: ran.append(2)], on_done=lambda: done.append(2))
+    chain.run_all()
+    assert ran == [0] and done == [1, 2] and not chain.running
+    assert any("broken step" in m for sev, m in notifications if sev == "error")

@@ -16,6 +16,7 @@ What a TIFF is gets decided from its metadata alone (no pixel data is read):
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -161,29 +162,200 @@ def read_spod_tiff(path) -> list[tuple]:
     return layers
 
 
+#: bounds on the free-form part of restored metadata (method, lam, model, ...): a hostile file must
+#: not hand napari a deeply nested or huge structure to copy, compare and show
+_MAX_META_DEPTH = 4
+_MAX_META_ITEMS = 256
+_MAX_META_TEXT = 4096
+#: fields the reader turns into layer properties; each is checked before use (see _restore_fields)
+_PLACEMENT_FIELDS = ("translate", "scale")
+_TYPED_FIELDS = ("rgb", "shape", "layer_name", *_PLACEMENT_FIELDS, "pixel_size", "contrast_limits", "colormap")
+
+
+def _finite_number(value) -> float | None:
+    """``value`` as a finite float when it is a real number (not a bool, a string or a container)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    number = float(value)
+    return number if np.isfinite(number) else None
+
+
+def _finite_vector(value, length: int, positive: bool = False) -> tuple[float, ...] | None:
+    """A list of ``length`` finite numbers (all > 0 with ``positive``) as a tuple, else None."""
+    if not isinstance(value, (list, tuple)) or len(value) != length:
+        return None
+    numbers = tuple(_finite_number(v) for v in value)
+    if any(v is None for v in numbers) or (positive and any(v <= 0 for v in numbers)):
+        return None
+    return numbers
+
+
+def _bounded(value, depth: int = 0):
+    """Free-form metadata cut down to plain JSON scalars, short strings and small shallow containers.
+
+    Returns ``(value, ok)``; ``ok`` is False when something had to be dropped."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value, True
+    if isinstance(value, str):
+        return (value, True) if len(value) <= _MAX_META_TEXT else (value[:_MAX_META_TEXT], False)
+    if depth >= _MAX_META_DEPTH or not isinstance(value, (list, dict)) or len(value) > _MAX_META_ITEMS:
+        return None, False
+    ok = True
+    if isinstance(value, list):
+        items = []
+        for item in value:
+            cut, item_ok = _bounded(item, depth + 1)
+            items.append(cut)
+            ok &= item_ok
+        return items, ok
+    out = {}
+    for key, item in value.items():
+        cut, item_ok = _bounded(item, depth + 1)
+        out[str(key)[:_MAX_META_TEXT]] = cut
+        ok &= item_ok
+    return out, ok
+
+
+def _colormap_name(value) -> str | None:
+    """A colormap name napari knows, else None."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        from napari.utils.colormaps import AVAILABLE_COLORMAPS
+    except Exception:  # napari absent (the reader is used headless): no colormap
+        return None
+    return value if value in AVAILABLE_COLORMAPS else None
+
+
+def _restore_fields(ours: dict, data: np.ndarray, file_pixel_size: float | None, name: str):
+    """Check the metadata our writer stored against the pixels actually read.
+
+    Returns ``(data, kwargs, metadata, ignored)``: the data in the layer's layout, napari
+    layer kwargs built only from fields of the right type and finite value, the bounded
+    metadata the layer keeps (each field of ``_TYPED_FIELDS`` only with its checked value),
+    and the names of fields that were ignored because they were damaged (wrong type, NaN /
+    infinite, wrong length, not matching the pixels, too large).
+    """
+    ignored = []
+    meta = {"kind": ours.get("kind")}
+    for key in list(ours)[:_MAX_META_ITEMS]:
+        if key in _TYPED_FIELDS or key in meta:
+            continue
+        value, kept = _bounded(ours[key], depth=1)
+        meta[str(key)[:_MAX_META_TEXT]] = value
+        if not kept:
+            ignored.append(f"{str(key)[:40]} (too large or too deeply nested)")
+    if len(ours) > _MAX_META_ITEMS:
+        ignored.append(f"{len(ours) - _MAX_META_ITEMS} fields beyond the first {_MAX_META_ITEMS}")
+    checked = {}  # typed fields that passed their check, as they go back into the metadata
+
+    def refuse(key):
+        if key in ours:
+            ignored.append(key)
+
+    rgb = ours.get("rgb", False)
+    if not isinstance(rgb, bool) or (rgb and not (data.ndim >= 3 and data.shape[-3] in (3, 4))):
+        refuse("rgb")  # not a flag, or the pixels are not a colour image: show them as stored
+        rgb = False
+    checked["rgb"] = rgb
+    if rgb:
+        data = np.moveaxis(data, -3, -1)
+    shape = ours.get("shape")
+    if shape is not None:
+        dims = _finite_vector(shape, len(shape), positive=True) if isinstance(shape, list) and len(shape) <= 6 else None
+        target = tuple(int(d) for d in dims) if dims is not None and all(d == int(d) for d in dims) else None
+        if target is not None and data.shape != target and data.size == math.prod(target):
+            data = data.reshape(target)  # singleton axes ImageJ added or dropped
+        if target is None or data.shape != target:
+            refuse("shape")
+        else:
+            checked["shape"] = list(target)
+
+    layer_name = ours.get("layer_name")
+    if isinstance(layer_name, str) and layer_name.strip() and len(layer_name) <= 256:
+        checked["layer_name"] = layer_name
+    elif layer_name is not None:
+        refuse("layer_name")
+    kwargs = {"name": checked.get("layer_name") or name, "rgb": rgb}
+
+    layer_ndim = data.ndim - (1 if rgb else 0)
+    for key in _PLACEMENT_FIELDS:
+        value = ours.get(key)
+        if value is None:
+            continue
+        vector = _finite_vector(value, layer_ndim, positive=(key == "scale"))
+        if vector is None:
+            refuse(key)
+        else:
+            kwargs[key], checked[key] = vector, list(vector)
+
+    pixel_size = ours.get("pixel_size")
+    if pixel_size is not None:
+        pixel_size = _finite_number(pixel_size)
+        if pixel_size is None or pixel_size <= 0:
+            refuse("pixel_size")
+            pixel_size = None
+    pixel_size = pixel_size or file_pixel_size
+    if pixel_size:
+        checked["pixel_size"] = float(pixel_size)
+        if "scale" in kwargs:
+            from .widgets._layers import spatial_units
+
+            kwargs["units"] = spatial_units(layer_ndim, pixel_size)
+
+    limits = ours.get("contrast_limits")
+    if limits is not None:
+        pair = _finite_vector(limits, 2)
+        if rgb or pair is None or not pair[1] > pair[0]:
+            refuse("contrast_limits")
+        else:
+            kwargs["contrast_limits"], checked["contrast_limits"] = pair, list(pair)
+    colormap = ours.get("colormap")
+    if colormap is not None:
+        if rgb or not isinstance(colormap, str) or len(colormap) > 64:
+            refuse("colormap")
+        else:
+            checked["colormap"] = colormap
+            if _colormap_name(colormap) is not None:  # a custom colormap of another session: not restored
+                kwargs["colormap"] = colormap
+    meta.update(checked)
+    return data, kwargs, meta, ignored
+
+
 def _restore_written(p: Path, ours: dict) -> tuple:
-    """A layer our writer saved: same data layout, kind, translate and scale as before."""
-    import tifffile
+    """A layer our writer saved: same data layout, kind, translate, scale, contrast and colormap as before.
+
+    The pixels go through io's vetted open (:func:`napari_spodnet.io._first_series`: declared
+    sizes against the file, truncation, pixel type), exactly as observations and PSFs do, and
+    every metadata field that becomes a layer property is type-checked first: a damaged or
+    hostile field is ignored (named in a warning napari shows), never passed on to napari.
+    """
+    import warnings
 
     from .widgets._layers import METADATA_KEY, display_range
 
+    tf = spod_io._open_tiff(p, series=False)
     try:
-        data = np.asarray(tifffile.imread(p))
-    except Exception as exc:
-        raise SPoDInputError(f"Cannot read {p.name}: {exc}") from exc
-    rgb = bool(ours.get("rgb"))
-    shape = tuple(int(s) for s in ours.get("shape") or ())
-    if rgb and data.ndim >= 3:
-        data = np.moveaxis(data, -3, -1)
-    if shape and data.shape != shape and data.size == int(np.prod(shape)):
-        data = data.reshape(shape)  # singleton axes ImageJ added or dropped
-    kwargs = {"name": ours.get("layer_name") or p.stem, "metadata": {METADATA_KEY: dict(ours)}, "rgb": rgb}
-    layer_ndim = data.ndim - (1 if rgb else 0)
-    for key in ("translate", "scale"):
-        value = ours.get(key)
-        if isinstance(value, (list, tuple)) and len(value) == layer_ndim:
-            kwargs[key] = tuple(float(v) for v in value)
-    if not rgb:
+        series = spod_io._first_series(tf, p)
+        try:
+            data = np.asarray(series.asarray())
+        except Exception as exc:
+            raise spod_io._file_error(
+                p, f"the pixel data could not be decoded ({type(exc).__name__}: {exc}).") from exc
+        file_pixel_size = spod_io._pixel_size(tf)
+    finally:
+        tf.close()
+    if tuple(data.shape) != tuple(int(s) for s in series.shape) or data.dtype.kind not in "uif":
+        raise spod_io._file_error(p, f"the decoded pixels {data.shape} do not match the declared shape "
+                                     f"{tuple(series.shape)}.")
+    data, kwargs, meta, ignored = _restore_fields(ours, data, file_pixel_size, p.stem)
+    if ignored:
+        names = ", ".join(dict.fromkeys(ignored))
+        meta["ignored_metadata"] = list(dict.fromkeys(ignored))
+        warnings.warn(f"{p.name}: damaged napari-spodnet metadata ignored ({names}); the pixels are shown "
+                      "as stored.", stacklevel=2)
+    kwargs["metadata"] = {METADATA_KEY: meta}
+    if not kwargs["rgb"] and "contrast_limits" not in kwargs:
         kwargs["contrast_limits"] = display_range(data)
     return data, kwargs, "image"
 

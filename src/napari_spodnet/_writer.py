@@ -3,7 +3,7 @@
 The data go through :func:`napari_spodnet.io.write_stack` (float32 ImageJ hyperstack;
 a ``(c, h, w)`` stack opens in Fiji with one channel per orientation). The layer's
 ``metadata["spodnet"]`` (method, lambda, objective, time, model, ...) plus its name,
-translate and scale are stored as JSON in the file, so napari-spodnet restores the layer
+translate, scale, colormap and contrast limits are stored as JSON in the file, so napari-spodnet restores the layer
 exactly and anyone can read them with :func:`napari_spodnet.io.read_stack_metadata`.
 """
 
@@ -45,6 +45,13 @@ def write_spod_tiff(path: str, data, meta: dict) -> list[str]:
         translate=[float(v) for v in meta.get("translate", ())] or None,
         scale=[float(v) for v in meta.get("scale", ())] or None,
     )
+    if not rgb:  # how the layer was shown, so that the reader restores the same view
+        colormap = meta.get("colormap")
+        name = colormap.get("name") if isinstance(colormap, dict) else colormap
+        if isinstance(name, str):
+            info["colormap"] = name
+        if meta.get("contrast_limits") is not None:
+            info["contrast_limits"] = [float(v) for v in meta["contrast_limits"]]
     pixel_size = info.get("pixel_size")
     written = spod_io.write_stack(path, arr, axes=axes, metadata=jsonable(info),
                                   pixel_size=float(pixel_size) if pixel_size else None)

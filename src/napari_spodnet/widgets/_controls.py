@@ -52,8 +52,19 @@ class ProgressRow(QWidget):
         layout.addWidget(self.label)
 
     def set_fraction(self, fraction: float) -> None:
-        self.bar.setRange(0, 1000)
-        self.bar.setValue(int(round(1000 * min(max(fraction, 0.0), 1.0))))
+        value = int(round(1000 * min(max(fraction, 0.0), 1.0)))
+        if self.bar.maximum() == 1000 and self.bar.value() == value:
+            return
+        # QProgressBar.setValue repaints synchronously (QWidget::repaint), and each synchronous
+        # repaint recomposites the whole window with napari's OpenGL canvas (~50 ms with software
+        # GL); with updates held, the bar is painted in the next paint pass with the status line
+        self.bar.setUpdatesEnabled(False)
+        try:
+            self.bar.setRange(0, 1000)
+            self.bar.setValue(value)
+        finally:
+            self.bar.setUpdatesEnabled(True)
+        self.bar.update()
 
     def set_busy(self) -> None:
         self.bar.setRange(0, 0)

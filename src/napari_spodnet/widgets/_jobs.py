@@ -27,10 +27,10 @@ from ._settings import SettingsBinder, get_settings
 #: dock widget width (px) at which "FISTA comparison (SPoD-Net)" and the forms fit
 MIN_WIDTH = 380
 #: How often queued progress reaches the GUI thread (status line, bar, live curve). Every
-#: repaint of a dock widget makes Qt recomposite napari's OpenGL canvas (costly with software
-#: GL, e.g. under Xvfb); measured with scripts/gui_walkthrough.py at 256², FISTA in the GUI ran
-#: 3.5x slower than headless at 10 updates/s and 1.4x at 3/s (2 shared cores, load ~3).
-PROGRESS_UPDATES_PER_SECOND = 3
+#: repaint of a dock widget makes Qt recomposite napari's OpenGL canvas with the whole window
+#: (~50 ms with software GL, e.g. under Xvfb); the widgets update everything on this tick so
+#: that Qt paints it in one pass. Measured with scripts/gui_walkthrough.py (docs/benchmarks.md).
+PROGRESS_UPDATES_PER_SECOND = 2
 
 
 class JobControl:
@@ -221,12 +221,76 @@ class Job(QObject):
 
 
 
+class StepChain(QObject):
+    """Run GUI-thread steps one per event-loop turn (a chain of zero-delay single-shot timers).
+
+    napari work that must happen on the GUI thread (adding a layer: ~150-400 ms each, mostly
+    vispy visual construction and layer controls; switching the grid view on) cannot be made
+    cheaper from outside napari, but it can be split: between two steps the event loop
+    answers the user and repaints. A failing step is reported (napari error notification)
+    and ends the chain; ``on_done`` runs after the last step either way.
+    """
+
+    def __init__(self, parent: QObject, title: str, steps, on_done: Callable[[], None] | None = None):
+        super().__init__(parent)
+        self.title = title
+        self._steps = list(steps)
+        self._on_done = on_done
+        self.running = False
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(0)
+        self._timer.timeout.connect(self._next)
+
+    def start(self) -> "StepChain":
+        self.running = True
+        self._timer.start()
+        return self
+
+    def run_all(self) -> None:
+        """All steps now, in this turn (for callers that need the result immediately)."""
+        self._timer.stop()
+        self.running = True
+        while self.running:
+            self._run_one()
+
+    def _next(self) -> None:
+        self._run_one()
+        if self.running:
+            self._timer.start()
+
+    def _run_one(self) -> None:
+        if self._steps:
+            step = self._steps.pop(0)
+            try:
+                step()
+            except Exception as exc:  # a GUI step must never break napari
+                traceback.print_exc()
+                notify_error(f"{self.title}: {error_message(exc)}")
+                self._steps.clear()
+        if not self._steps:
+            self._done()
+
+    def _done(self) -> None:
+        self.running = False
+        if self._on_done is not None:
+            try:
+                self._on_done()
+            except RuntimeError as exc:  # the widget was closed meanwhile
+                if "deleted" not in str(exc):
+                    raise
+
+
 class JobWidget(QWidget):
     """A dock widget that runs one background :class:`Job` at a time: one button starts it
     and, while it runs, cancels it; closing the widget cancels it too."""
 
     #: Names the job in status lines and notifications ("Recovery failed: ...").
     job_title = "Job"
+    #: The label of this widget's tab when napari tabifies docks (None: ``job_title``). napari
+    #: titles a dock "<display name> (napari-spodnet)", which Qt elides to "FISTA comp..." when
+    #: four docks share one tab bar; the dock's own title bar keeps the full name.
+    tab_title: str | None = None
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
@@ -238,6 +302,24 @@ class JobWidget(QWidget):
         # PSF files show at the observation's pixel size, whichever widget is open
         napari_viewer.layers.events.inserted.connect(self._match_psfs)
         self._match_psfs()
+
+    def showEvent(self, event):  # noqa: N802 (Qt)
+        super().showEvent(event)
+        self._shorten_tab_title()
+
+    def _shorten_tab_title(self) -> None:
+        """Give the enclosing dock (napari's QtViewerDockWidget) a short window title: Qt labels
+        tabified docks with their window titles; the full name stays as the tab's tooltip."""
+        from qtpy.QtWidgets import QDockWidget
+
+        dock = self.parent()
+        while dock is not None and not isinstance(dock, QDockWidget):
+            dock = dock.parent()
+        short = self.tab_title or self.job_title
+        if dock is None or dock.windowTitle() == short:
+            return
+        dock.setToolTip(dock.windowTitle())
+        dock.setWindowTitle(short)
 
     def _match_psfs(self, event=None) -> None:
         try:

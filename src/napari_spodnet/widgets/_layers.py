@@ -327,6 +327,8 @@ def add_or_update_image(viewer, data, name: str, kind: str, info: dict | None = 
         return existing
     if existing is not None:
         viewer.layers.remove(existing)
+    # the plugin's results are single-resolution arrays: spare napari its multiscale guess
+    kwargs.setdefault("multiscale", False)
     return viewer.add_image(data, name=name, metadata={METADATA_KEY: meta}, **kwargs)
 
 

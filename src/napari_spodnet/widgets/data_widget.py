@@ -33,6 +33,7 @@ from ._jobs import Job, JobWidget
 from ._layers import (
     METADATA_KEY,
     add_or_update_image,
+    display_range,
     is_observation_candidate,
     is_psf_candidate,
     observation_problem,
@@ -84,10 +85,20 @@ def _preprocess_work(control, data, median: int, minimum: int, mode: str):
     return out
 
 
+def _preprocess_for_display(control, data, median: int, minimum: int, mode: str):
+    """Worker: :func:`_preprocess_work` and the contrast limits of its first frame (the GUI thread
+    then only hands napari finished values), or None when cancelled."""
+    out = _preprocess_work(control, data, median, minimum, mode)
+    if out is None:
+        return None
+    return out, display_range(out[0] if out.ndim == 4 else out)
+
+
 class SpodDataWidget(JobWidget):
     """Choose the observation and PSF layers, check them, preprocess, average PSFs."""
 
     job_title = "Preprocessing"
+    tab_title = "SPoD data"
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(napari_viewer, parent)
@@ -326,12 +337,15 @@ class SpodDataWidget(JobWidget):
             done, total = items[-1]
             self.preprocess_progress.set_fraction(done / max(total, 1))
 
-        def on_result(data):
+        def on_result(out):
+            if out is None:
+                return
+            data, limits = out
             info = {"source": layer.name, "preprocessed": params, **{k: v for k, v in spod_meta(layer).items()
                                                                      if k in ("path", "pixel_size")}}
             new = add_or_update_image(
                 self.viewer, data, f"{layer.name} preprocessed", "observation", info,
-                axis_labels=tuple(layer.axis_labels), **registered_placement(layer))
+                axis_labels=tuple(layer.axis_labels), contrast_limits=limits, **registered_placement(layer))
             self.observation_picker.set_layer(new)
             self.preprocess_progress.set_fraction(1)
             self.preprocess_progress.set_text(f"Done in {self._job_seconds():.1f} s: new layer '{new.name}'.")
@@ -344,7 +358,7 @@ class SpodDataWidget(JobWidget):
 
         self._job = Job(self, title="Preprocessing", on_progress=on_progress, on_result=on_result,
                         on_cancelled=on_cancelled, on_finished=on_finished)
-        return self._job.start_function(_preprocess_work, layer.data, params["median"], params["minimum"],
+        return self._job.start_function(_preprocess_for_display, layer.data, params["median"], params["minimum"],
                                         params["mode"])
 
     def _job_seconds(self) -> float:

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
 from ..core.compare import compare_at_equal_objective
 from ..core.recover import RecoveryResult, recover
 from ._controls import ProgressRow, make_spin
-from ._jobs import Job, JobWidget
+from ._jobs import Job, JobWidget, StepChain
 from ._layers import (
     add_or_update_image,
     current_frame,
@@ -88,7 +88,26 @@ def _compare_work(control, frame, psf, lam, iterations, tol, restart, device, n_
         # the chosen PSF, so that the network's objective is measured on FISTA's problem
         out["spodnet"] = recover(frame, psf, method="spodnet", model=model, device=device, lam=lam,
                                  n_channels=n_channels, progress=lambda _p: control.cancelled())
+    out["views"] = comparison_images(frame, out["fista"], out.get("spodnet"))
     return out
+
+
+def comparison_images(frame, fista_res: RecoveryResult, spod_res: RecoveryResult | None) -> dict:
+    """The images of the side-by-side view with their contrast limits, ``{name: (image, (lo, hi))}``.
+
+    Computed in the worker, so that the GUI thread only hands finished arrays to napari:
+    "mean" (H, W) over polarizations; "fista" and "spodnet" (h, w) intensities on FISTA's
+    contrast; "difference" ``|FISTA − SPoD-Net|`` (h, w) where both have the same shape.
+    """
+    mean = np.asarray(frame, dtype=np.float32).mean(axis=0)
+    limits = display_range(fista_res.intensity)
+    views = {"mean": (mean, display_range(mean)), "fista": (fista_res.intensity, limits)}
+    if spod_res is not None:
+        views["spodnet"] = (spod_res.intensity, limits)
+        if spod_res.intensity.shape == fista_res.intensity.shape:
+            diff = np.abs(fista_res.intensity - spod_res.intensity)
+            views["difference"] = (diff, display_range(diff))
+    return views
 
 
 def equal_objective_comparison(fista_res: RecoveryResult, spod_res: RecoveryResult):
@@ -104,9 +123,11 @@ class FistaWidget(JobWidget):
     """Run FISTA with a live objective curve and compare it with SPoD-Net side by side."""
 
     job_title = "FISTA comparison"
+    tab_title = "FISTA"
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(napari_viewer, parent)
+        self._presenting: StepChain | None = None  # the results being laid out, one napari call per turn
         self._hidden_keys: list = []  # layers the side-by-side view hid (by layer_key), shown again on leaving
         self.results: dict = {}
         self.comparison = None
@@ -213,6 +234,7 @@ class FistaWidget(JobWidget):
         self._frame_index = frame_index
         self._compare_model_text = self.model_picker.describe() if compare else None
         self.plot.clear()
+        self.plot.set_x_range(0, iterations)
         self.result_label.setText("")
         self.progress.set_fraction(0)
         self.progress.set_text("FISTA…")
@@ -255,11 +277,24 @@ class FistaWidget(JobWidget):
             if mismatch is not None and mismatch > 0.05:
                 lines.append(f"The model was trained with another PSF (L1 difference {mismatch:.0%} from the "
                              "chosen one): its objective is judged on the chosen PSF's problem.")
-        self.plot.flush()
-        self.show_side_by_side(layer, frame_index, fista_res, spod_res)
         self.result_label.setText("\n".join(lines))
+        self.progress.set_text("Showing the results side by side…")
+        # the full curve and each napari call in its own event-loop turn (see StepChain): the window stays live
+        steps = [self.plot.flush] + self.side_by_side_steps(layer, frame_index, fista_res, spod_res, out.get("views"))
+        self._presenting = StepChain(self, self.job_title, steps, on_done=self._presented).start()
+
+    def _presented(self) -> None:
         self.progress.set_fraction(1)
         self.progress.set_text("Done.")
+        self.run_button.setEnabled(True)
+
+    def is_running(self) -> bool:
+        """The job, or the presentation of its results, is still going on."""
+        return super().is_running() or (self._presenting is not None and self._presenting.running)
+
+    def cancel(self) -> None:
+        if super().is_running():  # the presentation of finished results is not cancelled
+            super().cancel()
 
     @staticmethod
     def _summary(name: str, res) -> str:
@@ -267,74 +302,100 @@ class FistaWidget(JobWidget):
         extra = f", {its[0]} iterations" if its else ""
         return f"{name}: objective {res.objective:.6g}, {res.seconds:.2f} s{extra}."
 
-    def show_side_by_side(self, layer, frame_index, fista_res, spod_res) -> dict:
-        """Grid view: observation mean | FISTA | SPoD-Net | |FISTA − SPoD-Net| (intensities)."""
+    def show_side_by_side(self, layer, frame_index, fista_res, spod_res, views: dict | None = None) -> dict:
+        """Grid view: observation mean | FISTA | SPoD-Net | |FISTA − SPoD-Net| (intensities), all now."""
+        StepChain(self, self.job_title, self.side_by_side_steps(layer, frame_index, fista_res, spod_res,
+                                                                views)).run_all()
+        return self.comparison_layers
+
+    def side_by_side_steps(self, layer, frame_index, fista_res, spod_res, views: dict | None = None) -> list:
+        """The side-by-side view as GUI steps, each bounded by one napari call that cannot be split
+        (one layer added or refreshed; hiding the others; the grid switched on; the view fitted)."""
         viewer = self.viewer
         lead = (0,) if frame_index is not None else ()
-        frame = layer.data[frame_index] if frame_index is not None else layer.data
+        if views is None:
+            frame = layer.data[frame_index] if frame_index is not None else layer.data
+            views = comparison_images(frame, fista_res, spod_res)
         common = {"source": layer.name, "frame": frame_index, "lam": fista_res.lam}
         pixel_size = spod_meta(layer).get("pixel_size")
         if pixel_size:
             common["pixel_size"] = pixel_size
         place_obs = registered_placement(layer, (0.0, 0.0), drop=lead + (-3,))
         place_img = registered_placement(layer, fista_res.translate, drop=lead + (-3,))
-        limits = display_range(fista_res.intensity)
-        layers = {}
-        mean = np.asarray(frame, dtype=np.float32).mean(axis=0)
-        layers["mean"] = add_or_update_image(viewer, mean, f"{layer.name} mean over polarizations", "mean",
-                                             common, role="cmp_mean", colormap="gray", visible=True, **place_obs)
-        fista_info = {**common, "method": "fista", "objective": fista_res.objective, "seconds": fista_res.seconds,
-                      "iterations": fista_res.info.get("fista_iterations"), "translate": list(fista_res.translate)}
-        layers["fista"] = add_or_update_image(
-            viewer, fista_res.intensity,
-            f"FISTA: L={fista_res.objective:.4g}, {fista_res.seconds:.2f} s", "intensity", fista_info,
-            role="cmp_fista", colormap="gray", contrast_limits=limits, visible=True, **place_img)
-        text = f"FISTA: L={fista_res.objective:.4g} in {fista_res.seconds:.2f} s"
-        if spod_res is not None:
-            spod_info = {**common, "method": "spodnet", "objective": spod_res.objective,
-                         "seconds": spod_res.seconds, "model": self._compare_model_text,
-                         "translate": list(spod_res.translate)}
-            place_spod = registered_placement(layer, spod_res.translate, drop=lead + (-3,))
-            layers["spodnet"] = add_or_update_image(
-                viewer, spod_res.intensity,
-                f"SPoD-Net: L={spod_res.objective:.4g}, {spod_res.seconds:.2f} s", "intensity", spod_info,
-                role="cmp_spodnet", colormap="gray", contrast_limits=limits, visible=True, **place_spod)
-            text += f"  |  SPoD-Net: L={spod_res.objective:.4g} in {spod_res.seconds:.2f} s"
-            if self.comparison is not None and self.comparison.fista_match_iteration is not None:
-                text += (f"  |  FISTA reached it at iteration {self.comparison.fista_match_iteration} "
-                         f"({self.comparison.speedup:.1f}x SPoD-Net's time)")
-            if spod_res.intensity.shape == fista_res.intensity.shape:
-                diff = np.abs(fista_res.intensity - spod_res.intensity)
-                layers["difference"] = add_or_update_image(
-                    viewer, diff, "|FISTA − SPoD-Net|", "difference", {**common, "methods": ["fista", "spodnet"]},
-                    role="cmp_difference", colormap="magma", visible=True, **place_img)
-        order = [layers[k] for k in ("mean", "fista", "spodnet", "difference") if k in layers]
-        chosen = {layer_key(lay) for lay in order}
-        if not self._hidden_keys:  # a second comparison keeps the first one's list of layers to restore
-            self._hidden_keys = [layer_key(other) for other in viewer.layers
-                                 if layer_key(other) not in chosen and other.visible]
-        for other in viewer.layers:
-            if layer_key(other) not in chosen:
-                other.visible = False
-        grid = grid_model(viewer)
-        grid.enabled = True
-        # reading order (top-left first): mean, FISTA, SPoD-Net, difference
-        for lay in order:
-            viewer.layers.move(viewer.layers.index(lay), len(viewer.layers))
-        if grid_cell(viewer, layers["mean"]) not in ((0, 0), None):  # napari versions differ in grid order
-            for lay in reversed(order):
-                viewer.layers.move(viewer.layers.index(lay), len(viewer.layers))
-        try:
-            overlay = text_overlay(viewer)
-            overlay.text = text
-            overlay.visible = True
-        except Exception:  # the overlay is a courtesy
-            pass
-        viewer.reset_view()  # fit the grid into the canvas
-        show_scale_bar_if_physical(viewer, layer)
-        self.leave_grid_button.setEnabled(True)
+        layers: dict = {}
         self.comparison_layers = layers
-        return layers
+        text = f"FISTA: L={fista_res.objective:.4g} in {fista_res.seconds:.2f} s"
+        # (key, layer name, kind, metadata, colormap, placement)
+        specs = [("mean", f"{layer.name} mean over polarizations", "mean", common, "gray", place_obs),
+                 ("fista", f"FISTA: L={fista_res.objective:.4g}, {fista_res.seconds:.2f} s", "intensity",
+                  {**common, "method": "fista", "objective": fista_res.objective, "seconds": fista_res.seconds,
+                   "iterations": fista_res.info.get("fista_iterations"), "translate": list(fista_res.translate)},
+                  "gray", place_img)]
+        if spod_res is not None:
+            specs.append(("spodnet", f"SPoD-Net: L={spod_res.objective:.4g}, {spod_res.seconds:.2f} s", "intensity",
+                          {**common, "method": "spodnet", "objective": spod_res.objective,
+                           "seconds": spod_res.seconds, "model": self._compare_model_text,
+                           "translate": list(spod_res.translate)},
+                          "gray", registered_placement(layer, spod_res.translate, drop=lead + (-3,))))
+            text += f"\nSPoD-Net: L={spod_res.objective:.4g} in {spod_res.seconds:.2f} s"
+            if self.comparison is not None and self.comparison.fista_match_iteration is not None:
+                text += (f"\nFISTA reached it at iteration {self.comparison.fista_match_iteration} "
+                         f"({self.comparison.speedup:.1f}x SPoD-Net's time)")
+            if "difference" in views:
+                specs.append(("difference", "|FISTA − SPoD-Net|", "difference",
+                              {**common, "methods": ["fista", "spodnet"]}, "magma", place_img))
+
+        def add(key, name, kind, info, colormap, place):
+            image, limits = views[key]
+            layers[key] = add_or_update_image(viewer, image, name, kind, info, role=f"cmp_{key}",
+                                              colormap=colormap, contrast_limits=limits, visible=True, **place)
+
+        def hide_the_others():
+            chosen = {layer_key(lay) for lay in layers.values()}
+            if not self._hidden_keys:  # a second comparison keeps the first one's list of layers to restore
+                self._hidden_keys = [layer_key(other) for other in viewer.layers
+                                     if layer_key(other) not in chosen and other.visible]
+            for other in viewer.layers:
+                if layer_key(other) not in chosen and other.visible:
+                    other.visible = False
+
+        def order_in_grid():
+            order = [layers[k] for k in ("mean", "fista", "spodnet", "difference") if k in layers]
+            # reading order (top-left first): mean, FISTA, SPoD-Net, difference
+            if [layer_key(lay) for lay in list(viewer.layers)[-len(order):]] != [layer_key(lay) for lay in order]:
+                for lay in order:
+                    viewer.layers.move(viewer.layers.index(lay), len(viewer.layers))
+
+        def enable_grid():
+            grid = grid_model(viewer)
+            if not grid.enabled:
+                grid.enabled = True
+            if grid_cell(viewer, layers["mean"]) not in ((0, 0), None):  # napari versions differ in grid order
+                order = [layers[k] for k in ("mean", "fista", "spodnet", "difference") if k in layers]
+                for lay in reversed(order):
+                    viewer.layers.move(viewer.layers.index(lay), len(viewer.layers))
+
+        def label():
+            try:
+                overlay = text_overlay(viewer)
+                overlay.text = text
+                overlay.visible = True
+            except Exception:  # the overlay is a courtesy
+                pass
+
+        def fit():
+            viewer.reset_view()  # fit the grid into the canvas
+            self.leave_grid_button.setEnabled(True)
+
+        def scale_bar():
+            show_scale_bar_if_physical(viewer, layer)
+
+        adds = []
+        for spec in specs:
+            step = (lambda spec=spec: add(*spec))
+            step.step_name = f"add_{spec[0]}"  # named in scripts/gui_walkthrough.py's report
+            adds.append(step)
+        return adds + [hide_the_others, order_in_grid, enable_grid, label, fit, scale_bar]
 
     def leave_grid(self) -> None:
         """Back to the normal view: comparison layers hidden, the layers the comparison hid shown again."""
@@ -358,5 +419,7 @@ class FistaWidget(JobWidget):
 
     def _on_finished(self) -> None:
         self.run_button.setText("Run FISTA")
+        if self._presenting is not None and self._presenting.running:
+            self.run_button.setEnabled(False)  # until the results are laid out
         if self.progress.bar.maximum() == 0:
             self.progress.set_fraction(0)

@@ -54,6 +54,7 @@ class TrainWidget(JobWidget):
     """Train a SPoD-Net on one or more observation layers; live loss curves; Stop keeps the best model."""
 
     job_title = "Training"
+    tab_title = "Train"
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(napari_viewer, parent)
@@ -241,6 +242,9 @@ class TrainWidget(JobWidget):
             if not isinstance(p, TrainingProgress):
                 continue
             self._epoch_count += 1
+            if self._epoch_count == 1 and p.fraction > 0:
+                # the whole schedule's extent, so that the x axis need not grow (a full plot redraw)
+                self.plot.set_x_range(0, max(1.0, round(self._epoch_count / p.fraction)))
             self.plot.append("train", self._epoch_count, p.train_loss)
             self.plot.append("validation", self._epoch_count, p.val_loss)
             self.progress.set_fraction(p.fraction)
