@@ -58,8 +58,8 @@ def test_intensity_psnr_ignores_the_unrecoverable_margin():
     good = truth.sum(axis=0) * 0.01  # right up to the scale (normalised units)
     margin = good.copy()
     margin[0, 0] = 1e6  # a wild value where the observation sees nothing
-    assert intensity_psnr(good, truth, (10, 10)) == float("inf")
-    assert intensity_psnr(margin, truth, (10, 10)) == float("inf")
+    assert intensity_psnr(good, truth, (10, 10)) > 250  # exact up to rounding
+    assert intensity_psnr(margin, truth, (10, 10)) > 250  # the margin does not count
     noisy = good + 0.001 * rng.standard_normal(good.shape)
     assert 10 < intensity_psnr(noisy, truth, (10, 10)) < 200
     empty = np.zeros_like(truth)
