@@ -582,6 +582,15 @@ def recover_to_file(observation, output, psf=None, method: str = "spodnet", *, o
                          info={**engine.info, "fista_iterations": fista_iterations or None})
 
 
+def refuse_overwriting_input(input_path, output, outputs=OUTPUTS) -> None:
+    """Raise :class:`SPoDInputError` when writing ``outputs`` to ``output`` (or its partial name)
+    would touch the file ``input_path`` (None: nothing to check). For callers that pass
+    :func:`recover_to_file` an array read from that file (the napari widget)."""
+    if input_path is None or str(input_path) == "":
+        return
+    _refuse_overwriting_input(input_path, output_paths(output, parse_outputs(outputs)))
+
+
 def _refuse_overwriting_input(observation, final_paths: dict[str, Path]) -> None:
     if not isinstance(observation, (str, os.PathLike)):
         return
