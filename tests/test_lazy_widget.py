@@ -210,7 +210,9 @@ def test_save_to_streams_the_series_and_refuses_the_input(make_napari_viewer, qt
     monkeypatch.setattr(FrameRecoverer, "recover_frames", slow_frames)
     _click(rec.save_button)
     assert rec.is_running() and rec.save_button.text() == "Cancel"
-    qtbot.waitUntil(started.is_set, timeout=TIMEOUT_MS)
+    # Cancel once a frame is written (a cancel inside a frame stops before writing it)
+    qtbot.waitUntil(lambda: rec.progress.text().startswith(("Saving: 1/", "Saving: 2/")), timeout=TIMEOUT_MS)
+    assert "frames/s" in rec.progress.text()
     _click(rec.save_button)
     _wait(qtbot, rec)
     assert rec.progress.text().startswith("Save cancelled"), rec.progress.text()
