@@ -132,12 +132,16 @@ def run_child(input_path, output, method="spodnet", threads=1, device="cpu", onl
 
 
 def fista_vs_pass(size: int, iterations: int, device: str, rounds: int = 3) -> dict:
-    """Milliseconds of a FISTA iteration and of a bare forward + adjoint pass at ``size`` (18
-    channels), measured in alternating rounds (medians), first with glibc's default allocator
-    (as in a GUI process), then with the streamed path's :func:`keep_large_blocks`."""
+    """Milliseconds of a bare forward + adjoint pass, of one FISTA iteration (``tol=0`` and the
+    default ``tol=1e-6``, whose stopping test adds a difference and a norm) and of one SPoD-Net
+    layer (the shipped model at this size: (10 layers - 1 layer) / 9, the first layer having no
+    forward pass), at ``size`` (18 channels), in alternating rounds (medians), first with glibc's
+    default allocator (as in a GUI process), then with the streamed path's
+    :func:`keep_large_blocks`."""
     import torch
 
     from napari_spodnet.core.physics import SPoDOperator
+    from napari_spodnet.core.recover import load_default_model
     from napari_spodnet.core.simulate import simulate
     from napari_spodnet.core.solvers import fista
     from napari_spodnet.stream import keep_large_blocks
@@ -146,12 +150,22 @@ def fista_vs_pass(size: int, iterations: int, device: str, rounds: int = 3) -> d
     op = SPoDOperator(sim.psf, 18, device=device)
     y = torch.as_tensor(sim.observation / sim.observation.max(), dtype=torch.float32, device=device)
     x = op.adjoint(y)
+    net = load_default_model().to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
+    def net_seconds(n_layers: int) -> float:
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            net.forward(y, n_layers=n_layers)
+        sync()
+        return time.perf_counter() - start
+
     def measure():
-        passes, iters = [], []
+        passes, iters, iters_tol, layers = [], [], [], []
         op.adjoint(op.forward(x))
         fista(op, y, 0.05, max_iter=2, tol=0)
+        net_seconds(net.n_layers)
         for _ in range(rounds):
             sync()
             start = time.perf_counter()
@@ -162,13 +176,22 @@ def fista_vs_pass(size: int, iterations: int, device: str, rounds: int = 3) -> d
             result = fista(op, y, 0.05, max_iter=iterations, tol=0)
             sync()
             iters.append(result.seconds / result.iterations)
-        return float(np.median(passes)), float(np.median(iters))
+            result = fista(op, y, 0.05, max_iter=iterations, tol=1e-6)
+            sync()
+            iters_tol.append(result.seconds / result.iterations)
+            layers.append((net_seconds(net.n_layers) - net_seconds(1)) / (net.n_layers - 1))
+        return [float(np.median(v)) for v in (passes, iters, iters_tol, layers)]
 
-    pass_s, iter_s = measure()
-    keep_large_blocks()
-    pass_t, iter_t = measure()
-    return {"size": size, "pass_ms": pass_s * 1e3, "iteration_ms": iter_s * 1e3, "ratio": iter_s / pass_s,
-            "tuned_pass_ms": pass_t * 1e3, "tuned_iteration_ms": iter_t * 1e3, "tuned_ratio": iter_t / pass_t}
+    out = {"size": size}
+    for label, setup in (("", None), ("tuned_", keep_large_blocks)):
+        if setup is not None:
+            setup()
+        pass_s, iter_s, iter_tol_s, layer_s = measure()
+        out.update({f"{label}pass_ms": pass_s * 1e3, f"{label}iteration_ms": iter_s * 1e3,
+                    f"{label}ratio": iter_s / pass_s, f"{label}iteration_tol_ms": iter_tol_s * 1e3,
+                    f"{label}ratio_tol": iter_tol_s / pass_s, f"{label}layer_ms": layer_s * 1e3,
+                    f"{label}layer_ratio": layer_s / pass_s})
+    return out
 
 
 def cluster_scaling(input_path: Path, out_dir: Path, device: str) -> list[dict]:
@@ -229,7 +252,17 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
     p.add_argument("--no-cluster", action="store_true")
     p.add_argument("--out", default=None, help="write timelapse.json / timelapse.md here")
+    p.add_argument("--ratios-only", action="store_true",
+                   help="only the FISTA iteration / SPoD-Net layer against a forward + adjoint pass (1 thread)")
     args = p.parse_args(argv)
+    if args.ratios_only:
+        import torch
+
+        torch.set_num_threads(1)
+        f = fista_vs_pass(48 if args.quick else args.size, 5 if args.quick else 20, args.device)
+        md = render_ratios(f, args)
+        print(md)
+        return {"fista_pass": f}
     if args.quick:
         args.size, args.frames, args.fista_frames, args.net_frames = 48, [3, 6], 1, 2
         args.cluster_frames, args.iterations = 2, 5
@@ -281,6 +314,21 @@ def main(argv=None) -> dict:
     return tables
 
 
+def ratio_lines(f: dict) -> list[str]:
+    """The FISTA-iteration / SPoD-Net-layer against forward + adjoint table (:func:`fista_vs_pass`)."""
+    lines = ["| allocator | forward + adjoint pass | FISTA iteration (tol 0) | ratio | FISTA iteration "
+             "(tol 1e-6) | ratio | SPoD-Net layer | ratio |", "|---|---|---|---|---|---|---|---|"]
+    for name, k in (("glibc default", ""), ("keep_large_blocks", "tuned_")):
+        lines.append(f"| {name} | {f[k + 'pass_ms']:.1f} ms | {f[k + 'iteration_ms']:.1f} ms | {f[k + 'ratio']:.2f}x "
+                     f"| {f[k + 'iteration_tol_ms']:.1f} ms | {f[k + 'ratio_tol']:.2f}x | {f[k + 'layer_ms']:.1f} ms "
+                     f"| {f[k + 'layer_ratio']:.2f}x |")
+    return lines
+
+
+def render_ratios(f: dict, args) -> str:
+    return "\n".join([f"Size {f['size']} x {f['size']} x 18, device {args.device}, 1 thread.", ""] + ratio_lines(f)) + "\n"
+
+
 def render(t: dict, args) -> str:
     s = args.size
     lines = [f"Size {s} x {s} x 18, device {args.device}.", "",
@@ -296,11 +344,7 @@ def render(t: dict, args) -> str:
     for r in t["speed"]:
         name = "SPoD-Net" if r["method"] == "spodnet" else f"FISTA-{args.iterations}"
         lines.append(f"| {name} | {r['threads']} | {r['frames']} | {r['seconds']:.1f} | {r['obs_per_s']:.3f} |")
-    f = t["fista_pass"]
-    lines += ["", "| allocator | forward + adjoint pass | FISTA iteration | ratio |", "|---|---|---|---|",
-              f"| glibc default | {f['pass_ms']:.1f} ms | {f['iteration_ms']:.1f} ms | {f['ratio']:.2f}x |",
-              f"| keep_large_blocks | {f['tuned_pass_ms']:.1f} ms | {f['tuned_iteration_ms']:.1f} ms "
-              f"| {f['tuned_ratio']:.2f}x |"]
+    lines += [""] + ratio_lines(t["fista_pass"])
     lz = t["lazy"]
     lines += ["", "| lazy layer: first access of a frame | cached access |", "|---|---|",
               f"| {lz['first_ms']:.0f} ms | {lz['cached_ms']:.1f} ms |"]

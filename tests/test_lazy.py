@@ -22,14 +22,14 @@ def reference(sim):
 
 
 def test_frames_computed_when_indexed_and_equal_recover(sim, reference):
-    cache = FrameCache(max_frames=8)
-    series = lazy_series(sim.observation, cache=cache)
+    cache, maps = FrameCache(max_frames=8), FrameCache(max_frames=100)
+    series = lazy_series(sim.observation, cache=cache, map_cache=maps)
     assert series.image.shape == reference.image.shape and series.image.chunks[0] == (1,) * T
     assert len(cache) == 0  # nothing recovered yet
     np.testing.assert_allclose(np.asarray(series.image[2]), reference.image[2], rtol=1e-5, atol=1e-6)
     assert len(cache) == 1
     np.testing.assert_allclose(np.asarray(series.intensity[2]), reference.intensity[2], rtol=1e-5, atol=1e-5)
-    assert cache.hits >= 1 and len(cache) == 1  # the intensity came from the cached frame
+    assert maps.hits >= 1 and len(cache) == 1  # the intensity came from the maps kept with the frame
     np.testing.assert_allclose(series.orientation.compute(), reference.orientation, atol=1e-4)
 
 
@@ -89,3 +89,46 @@ def test_add_lazy_recovery_to_a_viewer(make_napari_viewer, sim, reference):
                                    rtol=1e-4, atol=1e-4)
     assert tuple(intensity.translate[-2:]) == tuple(reference.translate)
     assert any(key[1] == 2 for key in SESSION_CACHE._frames)
+
+
+def test_fill_keeps_every_frames_maps_and_reports_progress(sim, reference):
+    from napari_spodnet.core.recover import RecoveryCancelled
+
+    cache, maps = FrameCache(max_frames=1), FrameCache(max_frames=100)
+    series = lazy_series(sim.observation, cache=cache, map_cache=maps)
+    seen = []
+    with pytest.raises(RecoveryCancelled):
+        series.fill(progress=lambda p: seen.append((p.done, p.total, p.computed)) or p.done == 2)
+    assert seen == [(1, T, 1), (2, T, 2)]
+    assert series.is_filled(0) and series.is_filled(1) and not series.is_filled(2)  # kept when cancelled
+    state = series.fill()
+    assert (state.done, state.computed) == (T, T - 2)  # the finished frames are not recovered again
+    assert all(series.is_filled(t) for t in range(T)) and len(cache) == 1  # maps kept, frames not
+    misses = cache.misses
+    np.testing.assert_allclose(series.intensity.compute(), reference.intensity, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(series.orientation.compute(), reference.orientation, atol=1e-4)
+    assert cache.misses == misses  # scrubbing after fill recovers nothing
+
+
+def test_map_cache_byte_budget_and_fill_limit(sim):
+    h, w = lazy_series(sim.observation).shape[-2:]
+    per_frame = 2 * 4 * h * w  # intensity and orientation, float32
+    maps = FrameCache(max_frames=100, max_bytes=2 * per_frame + 10)
+    series = lazy_series(sim.observation, cache=FrameCache(), map_cache=maps)
+    assert series.frames_the_map_cache_holds() == 2
+    assert series.fill().total == 2  # fills what it can keep, not T frames that would evict each other
+    assert maps.nbytes <= maps.max_bytes and len(maps) == 4
+    series.frame_map("intensity", 3)
+    assert maps.nbytes <= maps.max_bytes and not series.is_filled(0)  # the oldest went first
+
+
+def test_composite_uses_one_brightness_for_all_frames(sim, reference):
+    from napari_spodnet.core.recover import orientation_composite
+
+    series = lazy_series(sim.observation, cache=FrameCache(), map_cache=FrameCache(max_frames=100))
+    top = series.saturation(0)
+    composite = series.composite(top)
+    assert composite.shape == (*reference.intensity.shape, 3)
+    expected = orientation_composite(reference.intensity[3], reference.orientation[3], top=top)
+    np.testing.assert_allclose(np.asarray(composite[3]), expected, atol=2e-3)
+    assert series.composite(2 * top).name != composite.name  # another brightness, another dask name

@@ -222,3 +222,39 @@ def test_napari_opens_the_ome_zarr_lazily(make_napari_viewer, series_file, refer
     assert type(layers[0].data).__name__ in ("Array", "MultiScaleData")  # dask-backed, read when shown
     viewer.dims.set_current_step(0, 3)
     np.testing.assert_allclose(np.asarray(layers[0].data[3]), reference.intensity[3], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mid.zarr", "mid.tif"])
+def test_cancel_within_a_fista_frame_is_prompt_and_resumable(series_file, tmp_path, name):
+    """Cancel between FISTA iterations of frame 2: it stops within an iteration, frame 1 is kept,
+    frame 2 is not marked done, and --resume finishes a result equal to an uninterrupted run."""
+    path, sim = series_file
+    data = read_observation(path).data[:3]
+    iterations = 400
+    settings = dict(psf=sim.psf, method="fista", iterations=iterations, tol=0, outputs="image")
+    seen = []
+
+    def cancel_in_frame_two(p: StreamProgress):
+        seen.append((p.done, p.within, p.message))
+        return p.done == 1 and "iteration 5/" in p.message
+
+    out = tmp_path / name
+    with pytest.raises(RecoveryCancelled, match="1 of 3 frames.*resume"):
+        recover_to_file(data, out, progress=cancel_in_frame_two, **settings)
+    assert seen[-1][2] == f"frame 2: FISTA iteration 5/{iterations}"
+    assert 0 < seen[-1][1] < 1  # the progress counted the part of frame 2 that was done
+    within_frame_one = [m for d, w, m in seen if d == 0 and "FISTA iteration" in m]
+    assert len(within_frame_one) == iterations  # every iteration of frame 1 was reported
+    partial = partial_path(out)
+    ref = recover(data, sim.psf, method="fista", iterations=iterations, tol=0)
+    if name.endswith(".zarr"):
+        group = zarr.open_group(str(partial), mode="r")
+        assert group["frames_done"][:].tolist() == [1, 0, 0]
+        assert _rel(group["image"]["0"][0], ref.image[0]) < 1e-6 and not group["image"]["0"][1].any()
+    else:
+        frames = tifffile.imread(partial)  # a valid TIFF: frame 1 recovered, the rest zeros
+        assert _rel(frames[0], ref.image[0]) < 1e-6 and not frames[1:].any()
+    summary = recover_to_file(data, out, resume=True, **settings)
+    assert summary.skipped == 1 and summary.computed == 2 and not partial.exists()
+    got = zarr.open_group(str(out), mode="r")["image"]["0"][:] if name.endswith(".zarr") else tifffile.imread(out)
+    assert _rel(got, ref.image) < 1e-6

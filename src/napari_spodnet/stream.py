@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import tifffile
 
-from .core.recover import BatchResult, FrameRecoverer, RecoveryCancelled, orientation_map
+from .core.recover import BatchResult, FrameRecoverer, RecoveryCancelled, RecoveryProgress, orientation_map
 from .core.validation import DEFAULT_CHANNELS, SPoDInputError
 
 #: What a recovery can write, in the order files are named.
@@ -419,10 +419,12 @@ class StreamProgress:
     skipped: int
     seconds: float
     message: str = ""
+    #: frames' worth of the batch being recovered (between FISTA iterations / tiles), in [0, batch size)
+    within: float = 0.0
 
     @property
     def fraction(self) -> float:
-        return self.done / max(self.total, 1)
+        return (self.done + self.within) / max(self.total, 1)
 
     @property
     def frames_per_second(self) -> float:
@@ -472,6 +474,21 @@ def local_batches(engine: FrameRecoverer, source: FrameSource, batches: Iterable
         yield frames, engine.recover_frames(source.read(frames), progress=on_frame_progress)
 
 
+def _cancel_message(stream, done: Callable[[], int], total: int):
+    """``stream``'s batches; a cancel raised inside a batch (between FISTA iterations) gets the
+    same message as one between frames."""
+    iterator = iter(stream)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except RecoveryCancelled:
+            raise RecoveryCancelled(f"Recovery cancelled after {done()} of {total} frames (within the next one); "
+                                    "the partial output is kept: resume it with --resume.") from None
+        yield item
+
+
 def recover_to_file(observation, output, psf=None, method: str = "spodnet", *, outputs=OUTPUTS,
                     resume: bool = False, scheduler=None, batch_size: int | None = None,
                     n_channels: int = DEFAULT_CHANNELS, axis: int | None = None,
@@ -485,8 +502,9 @@ def recover_to_file(observation, output, psf=None, method: str = "spodnet", *, o
     ``resume``: continue an interrupted run from its partial output (same settings required);
     without it an existing partial output is an error, never silently discarded.
     ``scheduler``: a dask.distributed address or Client to recover the frames on.
-    ``progress(StreamProgress)`` after every frame; return True to cancel (the partial output
-    stays, resumable). ``recover_kwargs`` are :func:`~napari_spodnet.core.recover.recover`'s
+    ``progress(StreamProgress)`` after every frame and, in this process, within a frame too
+    (after every FISTA iteration and every tile: ``within`` > 0); return True to cancel, which
+    stops within one iteration (the partial output keeps the finished frames, resumable). ``recover_kwargs`` are :func:`~napari_spodnet.core.recover.recover`'s
     (model, lam, iterations, tol, restart, tile, overlap, device, normalize, preprocess_data);
     ``engine`` may be given instead, built with :meth:`FrameRecoverer.create`.
     """
@@ -545,22 +563,36 @@ def recover_to_file(observation, output, psf=None, method: str = "spodnet", *, o
                                         f"is kept: resume it with --resume.")
 
         report("resumed" if skipped else "")
+        current = {"batch": 0}  # index into batches of the batch being recovered
+
+        def within_batch(update: RecoveryProgress) -> bool:
+            """Per FISTA iteration / tile, inside a batch: cancel without waiting for the frames."""
+            if progress is None or current["batch"] >= len(batches):
+                return False
+            frames = batches[current["batch"]]
+            where = f"frame {frames[0] + 1}" if len(frames) == 1 else f"frames {frames[0] + 1}-{frames[-1] + 1}"
+            what = f"{update.message} iteration {update.iteration}/{engine.iterations}" \
+                if update.iteration is not None else (update.message or "tile")
+            return bool(progress(StreamProgress(done, T, skipped, time.perf_counter() - run_start,
+                                                f"{where}: {what}", within=update.fraction * len(frames))))
+
         if scheduler is not None:
             from .cluster import cluster_batches
 
             stream = cluster_batches(scheduler, engine, source, batches, worker_device=worker_device,
                                      outputs=outputs)
         else:
-            stream = local_batches(engine, source, batches)
+            stream = local_batches(engine, source, batches, on_frame_progress=within_batch)
         fista_iterations = []
         try:
-            for frames, batch in stream:
+            for frames, batch in _cancel_message(stream, lambda: done, T):
                 for k, t in enumerate(frames):
                     frame = batch.outputs[k] if batch.outputs is not None else frame_outputs(batch.image[k], outputs)
                     writer.write(t, frame, float(batch.objective[k]))
                     objectives[t] = batch.objective[k]
                 fista_iterations += batch.fista_iterations
                 done += len(frames)
+                current["batch"] += 1
                 report(f"frames {frames[0] + 1}-{frames[-1] + 1}")
         finally:
             close = getattr(stream, "close", None)
@@ -580,6 +612,15 @@ def recover_to_file(observation, output, psf=None, method: str = "spodnet", *, o
     return StreamSummary(paths=paths, frames=T, computed=T - skipped, skipped=skipped, seconds=seconds,
                          objective=objectives, method=engine.method, lam=engine.lam,
                          info={**engine.info, "fista_iterations": fista_iterations or None})
+
+
+def refuse_overwriting_input(input_path, output, outputs=OUTPUTS) -> None:
+    """Raise :class:`SPoDInputError` when writing ``outputs`` to ``output`` (or its partial name)
+    would touch the file ``input_path`` (None: nothing to check). For callers that pass
+    :func:`recover_to_file` an array read from that file (the napari widget)."""
+    if input_path is None or str(input_path) == "":
+        return
+    _refuse_overwriting_input(input_path, output_paths(output, parse_outputs(outputs)))
 
 
 def _refuse_overwriting_input(observation, final_paths: dict[str, Path]) -> None:

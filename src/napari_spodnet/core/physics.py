@@ -109,20 +109,29 @@ class SeparableSPoDConv:
 def _blur_valid(x: torch.Tensor, g_spectrum: torch.Tensor, right: torch.Tensor | None, kernel_shape) -> torch.Tensor:
     """Harmonic projection (none when ``right`` is None) and valid blur of ``x`` (..., c, h, w) ->
     (..., r, H, W): the forward pass before its channel mixing."""
-    a, b = kernel_shape
-    h, w = x.shape[-2:]
-    s = _spatial_fft_shape(g_spectrum, h, w)
     z = x if right is None else torch.einsum("rk,...khw->...rhw", right, x)
+    return _blur_projected(z, g_spectrum, kernel_shape)
+
+
+def _blur_projected(z: torch.Tensor, g_spectrum: torch.Tensor, kernel_shape) -> torch.Tensor:
+    """Valid blur of an already projected image ``z`` (..., r, h, w) -> (..., r, H, W)."""
+    a, b = kernel_shape
+    h, w = z.shape[-2:]
+    s = _spatial_fft_shape(g_spectrum, h, w)
     return torch.fft.irfft2(torch.fft.rfft2(z, s=s) * g_spectrum, s=s)[..., a - 1:h, b - 1:w]
 
 
 def _correlate_full(y: torch.Tensor, g_spectrum: torch.Tensor, left: torch.Tensor, kernel_shape) -> torch.Tensor:
     """The adjoint pass before its channel mixing: (..., c, H, W) -> (..., r, h, w)."""
+    return _correlate_mixed(torch.einsum("tr,...thw->...rhw", left, y), g_spectrum, kernel_shape)
+
+
+def _correlate_mixed(r: torch.Tensor, g_spectrum: torch.Tensor, kernel_shape) -> torch.Tensor:
+    """Full correlation of an already mixed residual ``r`` (..., r, H, W) -> (..., r, h, w)."""
     a, b = kernel_shape
-    big_h, big_w = y.shape[-2:]
+    big_h, big_w = r.shape[-2:]
     h, w = big_h + a - 1, big_w + b - 1
     s = _spatial_fft_shape(g_spectrum, h, w)
-    r = torch.einsum("tr,...thw->...rhw", left, y)
     padded = torch.nn.functional.pad(r, (b - 1, s[1] - w, a - 1, s[0] - h))
     return torch.fft.irfft2(torch.fft.rfft2(padded) * g_spectrum.conj(), s=s)[..., :h, :w]
 
@@ -189,6 +198,9 @@ class SPoDOperator:
         coeffs = torch.tensor([0.5, 0.5, 0.0], dtype=self.dtype, device=self.device)
         self._right = basis
         self._left = harmonic_left_factor(coeffs, self.n_channels)
+        # G = L^T L (r x r): the solver works with L^T (A x - y) = G (blur R x) - L^T y, never
+        # forming the c-channel residual (SPoDOperator.low_rank_residual)
+        self._gram = self._left.T @ self._left
         self._spectra: dict[tuple[int, int], torch.Tensor] = {}
 
     # -- shapes -------------------------------------------------------------------
@@ -248,6 +260,82 @@ class SPoDOperator:
         r, z = self._check(r, "r"), self._check(z, "z")
         corr = _correlate_full(r, self._spectrum(self.image_shape(r.shape)), self._left, self.psf_shape)
         return _mix_into(self._right.T, corr, z.contiguous(), beta=1.0, alpha=alpha, shift=shift)
+
+    # -- the solver's low-rank form --------------------------------------------------
+    # A = L blur R with R (r, c) the harmonic projection (its first row is all ones) and L (c, r).
+    # The solver keeps u = L^T (A x - y) = G blur(R x) - L^T y (r = 3 channels) instead of the
+    # c-channel residual: the momentum step on residuals, the subtraction of y and both channel
+    # mixings of the residual then cost 3/c of an image pass. The data term needs no c-channel
+    # residual either: with P the projection onto the columns of L, ||A x - y||^2 =
+    # ||P (A x - y)||^2 + ||(1 - P) y||^2 (A x lies in range L), where ||P r||^2 = ||W L^T r||^2,
+    # W^T W = G^+ (the whitening of G = L^T L), and the second term does not depend on x.
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``R x``: (..., c, h, w) -> (..., r, h, w). Channel 0 is the sum over polarizations
+        (the first harmonic row is all ones), so for ``x >= 0`` its sum is ``||x||_1``."""
+        return torch.einsum("rk,...khw->...rhw", self._right, x)
+
+    def blur_projected(self, p: torch.Tensor) -> torch.Tensor:
+        """Valid blur of ``p = R x`` (..., r, h, w) -> (..., r, H, W); ``A x = L @ blur_projected(R x)``."""
+        return _blur_projected(p, self._spectrum(p.shape[-2:]), self.psf_shape)
+
+    def mix_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """``L^T y``: (..., c, H, W) -> (..., r, H, W)."""
+        y = self._check(y, "y")
+        return torch.einsum("tr,...thw->...rhw", self._left, y)
+
+    def low_rank_residual(self, blurred: torch.Tensor, mixed_y: torch.Tensor) -> torch.Tensor:
+        """``u = L^T (A x - y) = G blurred - L^T y`` (..., r, H, W) from ``blurred = blur_projected(R x)``
+        and ``mixed_y = mix_adjoint(y)``, in one small GEMM."""
+        return _mix_into(self._gram, blurred, mixed_y, beta=-1.0, alpha=1.0)
+
+    @property
+    def _whitening(self) -> torch.Tensor:
+        """W (r, r) with ``W^T W = G^+``: ``||P r||^2 = ||W L^T r||^2`` for any residual r."""
+        if getattr(self, "_whitening_cache", None) is None:
+            evals, evecs = torch.linalg.eigh(self._gram.double())
+            keep = evals > 1e-12 * evals.max()
+            inv_sqrt = torch.where(keep, evals.clamp_min(1e-300).rsqrt(), torch.zeros_like(evals))
+            self._whitening_cache = (inv_sqrt[:, None] * evecs.T).to(self.dtype)
+        return self._whitening_cache
+
+    def unexplained_energy(self, y: torch.Tensor) -> torch.Tensor:
+        """``||(1 - P) y||^2 = ||y||^2 - ||W L^T y||^2`` per item (float64, shape ``y.shape[:-3]``): the
+        part of ``||A x - y||^2`` no image x changes (y's polarization components outside the
+        orientation harmonics). Accumulated in float64, one dot product per plane (converting
+        the whole array first costs 10x as much)."""
+        y = self._check(y, "y")
+        white = torch.einsum("sr,...rhw->...shw", self._whitening, self.mix_adjoint(y))
+
+        def energy(t):
+            planes = t.reshape(-1, t.shape[-3], t.shape[-2] * t.shape[-1])
+            return torch.stack([sum(torch.dot(row.double(), row.double()) for row in item) for item in planes])
+
+        return (energy(y) - energy(white)).clamp_min(0).reshape(y.shape[:-3])
+
+    def squared_residual(self, u: torch.Tensor, unexplained: torch.Tensor) -> torch.Tensor:
+        """``||A x - y||^2`` per item (float64, shape ``u.shape[:-3]``) from ``u = L^T (A x - y)``
+        (:meth:`low_rank_residual`) and ``unexplained = unexplained_energy(y)``: ``||W u||^2`` over
+        3 channels (summed like ``torch.linalg.vector_norm``) plus the constant."""
+        white = torch.einsum("sr,...rhw->...shw", self._whitening, u)
+        return torch.linalg.vector_norm(white, dim=(-3, -2, -1)).double().square() + unexplained
+
+    def back_project_step(self, u: torch.Tensor, z: torch.Tensor, alpha: float, shift: float = 0.0,
+                          in_place: bool = False) -> torch.Tensor:
+        """``z + alpha * A^T r - shift`` (..., c, h, w) from ``u = L^T r`` (..., r, H, W): the
+        correlation of 3 channels, then one GEMM that mixes them into c channels onto ``z``
+        (into ``z`` itself with ``in_place``, which saves copying z; else a new tensor). The shift
+        rides on channel 0 (``R^T``'s first column is all ones), so it costs 1/c of an image."""
+        corr = _correlate_mixed(u, self._spectrum(self.image_shape(u.shape)), self.psf_shape)
+        if shift:
+            corr[..., 0, :, :] -= shift / alpha
+        if in_place and z.is_contiguous():
+            lead, (c, h, w) = z.shape[:-3], z.shape[-3:]
+            n = int(np.prod(lead)) if lead else 1
+            low = corr.reshape(n, corr.shape[-3], h * w)
+            z.view(n, c, h * w).baddbmm_(self._right.T.expand(n, c, low.shape[1]), low, beta=1.0, alpha=alpha)
+            return z
+        return _mix_into(self._right.T, corr, z.contiguous(), beta=1.0, alpha=alpha)
 
     def sizes(self, y_shape) -> tuple[int, int]:
         """Normalisation constants (A, B) of the objective: observation and image element counts."""

@@ -121,10 +121,15 @@ def orientation_map(image, n_channels: int | None = None) -> np.ndarray:
     return (np.mod(np.arctan2(sin, cos), 2 * np.pi) / 2).astype(np.float32)
 
 
-def orientation_composite(intensity, orientation, saturation_percentile: float = 99.5) -> np.ndarray:
-    """RGB image (..., h, w, 3) in [0, 1]: hue = dipole angle, brightness = intensity."""
+def orientation_composite(intensity, orientation, saturation_percentile: float = 99.5,
+                          top: float | None = None) -> np.ndarray:
+    """RGB image (..., h, w, 3) in [0, 1]: hue = dipole angle, brightness = intensity.
+
+    Brightness saturates at ``top`` (default: the intensity's ``saturation_percentile``); a
+    lazily shown series passes one ``top`` for all frames."""
     intensity = np.asarray(intensity, dtype=np.float32)
-    top = np.percentile(intensity, saturation_percentile) if intensity.size else 1.0
+    if top is None:
+        top = np.percentile(intensity, saturation_percentile) if intensity.size else 1.0
     value = np.clip(intensity / (top if top > 0 else 1.0), 0, 1)
     hue = np.mod(np.asarray(orientation, dtype=np.float32) / np.pi, 1.0)
     # HSV -> RGB with full saturation.

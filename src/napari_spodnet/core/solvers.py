@@ -112,7 +112,11 @@ def _solve(op: SPoDOperator, y, lam: float, *, accelerate: bool, max_iter: int, 
     def per_item(v: torch.Tensor) -> torch.Tensor:
         return v.reshape(*batch, 1, 1, 1) if batch else v
 
-    # Residuals r = A x - y are tracked instead of A x: the momentum point's residual is a
+    if not backtrack:
+        return _solve_fixed_step(op, y, x, lam, s, accelerate=accelerate, max_iter=max_iter, tol=tol,
+                                 restart=restart, callback=callback, start=start)
+
+    # With backtracking: residuals r = A x - y are tracked instead of A x: the momentum point's residual is a
     # combination of two known ones, so an iteration needs one forward and one adjoint pass.
     # The elementwise work rides on those passes: subtracting y and the gradient step with
     # the threshold's shift are fused into the passes' final channel mixing
@@ -186,6 +190,101 @@ def _solve(op: SPoDOperator, y, lam: float, *, accelerate: bool, max_iter: int, 
         if tol > 0 and bool((change < tol).all()) and it > 1:
             converged = True
             break
+    return SolverResult(x=x, history=np.asarray(history), iterations=it, converged=converged,
+                        cancelled=cancelled, seconds=time.perf_counter() - start, step=s, restarts=restarts,
+                        times=np.asarray(times))
+
+
+def _solve_fixed_step(op: SPoDOperator, y: torch.Tensor, x: torch.Tensor, lam: float, s: float, *, accelerate: bool,
+                      max_iter: int, tol: float, restart: bool, callback: Callback | None,
+                      start: float) -> SolverResult:
+    """The ISTA / FISTA loop with a fixed step, in the operator's low-rank form.
+
+    ``A = L blur R`` (:class:`SPoDOperator`): instead of the c-channel residual ``A x - y`` the
+    loop keeps ``u = L^T (A x - y)`` (3 channels), whose momentum combination is as exact as the
+    residual's (an affine image of x). Per iteration, over full-size c-channel arrays, only what
+    the update needs is left: the back-projection GEMM onto z, the threshold's clamp, the
+    projection R x, and the momentum lerp. The objective comes from 3-channel quantities (the
+    L1 norm is channel 0 of ``R x``, the data term a float64 quadratic form); the stopping test
+    measures ``||x_k - x_{k-1}||`` (skipped when ``tol`` is 0) and needs ``||x_k||_2`` only when
+    the step is already below ``tol * ||x_k||_1`` (an upper bound of it).
+    """
+    n_obs, n_img = op.sizes(y.shape)
+    batch = y.shape[:-3]
+    reduce = (-3, -2, -1)
+    mixed_y = op.mix_adjoint(y)
+    unexplained = op.unexplained_energy(y)
+
+    def per_item(v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(*batch, 1, 1, 1) if batch else v
+
+    def evaluate(x_):
+        """``u = L^T (A x - y)``, the objective (op.dtype) and ``||x||_1`` (float64), per item, of ``x >= 0``."""
+        projected = op.project(x_)
+        u_ = op.low_rank_residual(op.blur_projected(projected), mixed_y)
+        l1 = projected[..., 0, :, :].sum(dim=(-2, -1), dtype=torch.float64)
+        f_ = op.squared_residual(u_, unexplained) / (2 * n_obs) + lam / n_img * l1
+        return u_, f_.to(op.dtype), l1
+
+    u, f_prev, _ = evaluate(x)
+    z, uz = x, u
+    z_is_ours = False  # z made by the momentum step, never seen outside: the step may overwrite it
+    t = torch.ones(batch, dtype=op.dtype, device=op.device)
+    rise_tol = 10 * torch.finfo(op.dtype).eps  # a rise of a few rounding errors is no reason to restart
+    history, times, restarts = [], [], 0
+    converged = cancelled = False
+    diff = None
+    it = 0
+    for it in range(1, max_iter + 1):
+        x_new = op.back_project_step(uz, z, -s / n_obs, s * lam / n_img, in_place=z_is_ours).clamp_(min=0)
+        z_is_ours = False
+        u_new, f_new, l1_new = evaluate(x_new)
+        x_step, step_norm = x_new, None
+        if tol > 0:
+            # into a buffer kept across iterations (a fresh 18-channel temporary costs page faults)
+            diff = torch.sub(x_new, x, out=diff if diff is not None and diff.shape == x.shape else None)
+            step_norm = torch.linalg.vector_norm(diff, dim=reduce)
+        if accelerate:
+            t_new = (1 + torch.sqrt(1 + 4 * t * t)) / 2
+            beta = (t - 1) / t_new
+            if restart:
+                # Function-value restart (O'Donoghue & Candes): where the objective rose,
+                # drop the momentum and restart from the previous iterate.
+                rose = f_new > f_prev + rise_tol * f_prev.abs()
+                if bool(rose.any()):
+                    restarts += int(rose.sum())
+                    keep = per_item(rose)
+                    x_new = torch.where(keep, x, x_new)
+                    u_new = torch.where(keep, u, u_new)
+                    f_new = torch.where(rose, f_prev, f_new)
+                    t_new = torch.where(rose, torch.ones_like(t_new), t_new)
+                    beta = torch.where(rose, torch.zeros_like(beta), beta)
+            # z = x_new + beta (x_new - x) = lerp(x, x_new, 1 + beta); the same for u.
+            weight = per_item(1 + beta)
+            if not batch:
+                weight = float(weight)
+            z = torch.lerp(x, x_new, weight)
+            z_is_ours = True
+            uz = torch.lerp(u, u_new, weight)
+            t = t_new
+        else:
+            z, uz = x_new, u_new
+        x, u, f_prev = x_new, u_new, f_new
+        history.append(f_new.detach().cpu().numpy().copy())
+        times.append(time.perf_counter() - start)
+        if not torch.isfinite(f_new).all():
+            raise FloatingPointError("The objective became non-finite; the step size is too large.")
+        if callback is not None and callback(it, f_new, x):
+            cancelled = True
+            break
+        # ||x_k - x_{k-1}|| / ||x_k|| < tol, measured on the step taken even when it was rejected
+        # (restarted). ||x_k||_2 <= ||x_k||_1 (the objective's L1 term), so the L2 norm is only
+        # computed once the step is below tol * ||x_k||_1, near convergence.
+        if step_norm is not None and it > 1 and bool((step_norm < tol * l1_new.to(step_norm.dtype)).all()):
+            change = step_norm / torch.linalg.vector_norm(x_step, dim=reduce).clamp_min(1e-30)
+            if bool((change < tol).all()):
+                converged = True
+                break
     return SolverResult(x=x, history=np.asarray(history), iterations=it, converged=converged,
                         cancelled=cancelled, seconds=time.perf_counter() - start, step=s, restarts=restarts,
                         times=np.asarray(times))

@@ -7,17 +7,37 @@ and returns True once Cancel was pressed, which makes the core raise
 :class:`RecoveryCancelled` (handled quietly). Results come back as three layers
 registered to the observation (method.md section 2): the orientation-resolved stack,
 the summed intensity and an orientation-coloured composite.
+
+A (T, c, H, W) series can instead be recovered *lazily* (the default beyond
+:data:`LAZY_DEFAULT_ABOVE_FRAMES` frames): the same three layers appear at once as dask
+arrays whose frames are recovered when the t slider shows them
+(:mod:`napari_spodnet.lazy`, :func:`.lazy_series.add_lazy_recovery`). "Recover all" fills
+every frame's maps in a worker (progress, frames/s, Cancel) into the cache the layers
+read, so scrubbing afterwards recovers nothing; "Save to…" streams the series to BigTIFF
+or OME-Zarr (:func:`napari_spodnet.stream.recover_to_file`, resumable) in a worker.
+Frames are keyed by a token of the model's weights, lambda and settings: recovering with
+another model gives new arrays and never shows a stale frame, and changing the model
+while lazy layers are shown rebuilds them.
 """
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QCheckBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout
+import copy
+import time
+from pathlib import Path
 
-from ..core.recover import RecoveryCancelled, RecoveryProgress, orientation_composite, recover
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
+                            QPushButton, QVBoxLayout)
+
+from ..core.recover import FrameRecoverer, RecoveryCancelled, RecoveryProgress, orientation_composite, recover
+from ..lazy import FillProgress, LazyRecovery
+from ..stream import StreamProgress, recover_to_file, refuse_overwriting_input
 from ._controls import ProgressRow, make_spin
 from ._jobs import Job, JobWidget
 from ._layers import (
     add_or_update_image,
+    contains_layer,
     current_frame,
     display_range,
     is_observation_candidate,
@@ -32,8 +52,16 @@ from ._layers import (
     value_problem,
 )
 from ._legend import wheel_pixmap
-from ._notify import error_message
+from ._notify import error_message, notify_info
 from ._pickers import DevicePicker, LayerPicker, ModelSourcePicker
+from .lazy_series import SESSION_CACHE, add_lazy_recovery
+
+#: Series with more frames than this are recovered lazily unless the user says otherwise
+#: (recovering 8 frames of 512 x 512 eagerly takes ~4 s and holds ~170 MB of results).
+LAZY_DEFAULT_ABOVE_FRAMES = 4
+#: "Save to…" output choices: label -> stream.recover_to_file's ``outputs``
+SAVE_OUTPUTS = {"intensity + orientation": "intensity,orientation", "all (stack, intensity, orientation)": "all",
+                "orientation-resolved stack": "image"}
 
 
 def _recover_work(control, stack, model, psf, device: str, tile: int, n_channels: int):
@@ -49,6 +77,37 @@ def _recover_work(control, stack, model, psf, device: str, tile: int, n_channels
                      n_channels=n_channels, progress=progress)
     composite = orientation_composite(result.intensity, result.orientation)
     return result, composite
+
+
+def _lazy_work(control, data, model, psf, device: str, tile: int, n_channels: int, frame: int):
+    """Worker: build the lazy series (model, normalisation fitted on up to 8 frames) and recover
+    the frame on screen, so the layers appear with it already cached. Returns
+    ``(series, saturation, seconds of the first frame)``."""
+    control.report(RecoveryProgress(0, 2, "loading the model and fitting the normalisation"))
+    engine = FrameRecoverer.create(psf, method="spodnet", model=model, tile=tile or None, device=device,
+                                   n_channels=n_channels)
+    series = LazyRecovery(data, engine=engine, cache=SESSION_CACHE, n_channels=n_channels)
+    if control.cancelled():
+        raise RecoveryCancelled("cancelled")
+    control.report(RecoveryProgress(1, 2, f"recovering frame {frame + 1} (the one shown)"))
+    start = time.perf_counter()
+    top = series.saturation(frame)
+    return series, top, time.perf_counter() - start
+
+
+def _fill_work(control, series: LazyRecovery):
+    """Worker: recover every frame the map cache can keep ("Recover all"); cancel between frames."""
+    return series.fill(progress=lambda state: control.report(state) or control.cancelled())
+
+
+def _save_work(control, series: LazyRecovery, data, output: str, outputs: str):
+    """Worker: stream the series to ``output`` with the lazy layers' model and settings (a copy of
+    their recoverer, so fitting it again here never races the layers); resumes a partial output
+    of the same settings. Cancel between frames (and FISTA iterations) keeps the partial output."""
+    engine = copy.copy(series.engine)
+    return recover_to_file(data, output, engine=engine, outputs=outputs, resume=True,
+                           n_channels=engine.n_channels,
+                           progress=lambda state: control.report(state) or control.cancelled())
 
 
 def progress_wording(message: str) -> str:
@@ -145,7 +204,26 @@ class RecoverWidget(JobWidget):
             0, 16384, self.settings.tile, step=64,
             tooltip="Observation tile size in pixels for large images (0: whole frames)."))
         self.tile_spin.setSpecialValueText("whole frames")
+        self.lazy_check = QCheckBox("Recover lazily (frames computed when shown)")
+        self.lazy_check.setToolTip("For a time series: the result layers appear at once and each frame is "
+                                   "recovered when the t slider shows it (one network pass). 'Recover all' "
+                                   "fills the rest in the background; 'Save to…' writes the series to disk.")
+        self._lazy_choice_made = False  # the user ticked or cleared it: keep their choice
+        self.lazy_check.clicked.connect(self._on_lazy_clicked)
         self.run_button = QPushButton("Recover")
+        self.recover_all_button = QPushButton("Recover all")
+        self.recover_all_button.setToolTip("Recover every frame of the lazy series in the background, so that "
+                                           "moving the t slider afterwards is instant.")
+        self.save_button = QPushButton("Save to…")
+        self.save_button.setToolTip("Write the lazy series to disk (BigTIFF, or OME-Zarr for a .zarr name), "
+                                    "frame by frame; a cancelled save is resumed by saving to the same name.")
+        self.save_outputs = QComboBox()
+        for label, value in SAVE_OUTPUTS.items():
+            self.save_outputs.addItem(label, value)
+        self.lazy: LazyRecovery | None = None
+        self._lazy_source = None   # the observation layer of the lazy series
+        self._lazy_model = None    # the model argument and its description used to build it
+        self._job_button: QPushButton | None = None
         self.progress = ProgressRow()
         self.result_label = QLabel("")
         self.result_label.setWordWrap(True)
@@ -167,6 +245,7 @@ class RecoverWidget(JobWidget):
         form = QFormLayout(data_box)
         form.addRow("observation", self.observation_picker)
         form.addRow("", self.all_frames_check)
+        form.addRow("", self.lazy_check)
         form.addRow("PSF check", self.psf_picker)
         form.addRow("device", self.device_picker)
         form.addRow("tile size", self.tile_spin)
@@ -174,18 +253,121 @@ class RecoverWidget(JobWidget):
         layout.addWidget(model_box)
         layout.addWidget(data_box)
         layout.addWidget(self.run_button)
+        series_box = QGroupBox("Lazy series")
+        series_form = QFormLayout(series_box)
+        series_row = QHBoxLayout()
+        series_row.addWidget(self.recover_all_button)
+        series_row.addWidget(self.save_button)
+        series_form.addRow(series_row)
+        series_form.addRow("save", self.save_outputs)
+        layout.addWidget(series_box)
         layout.addWidget(self.progress)
         layout.addWidget(self.result_label)
         layout.addWidget(legend_box)
         layout.addStretch(1)
 
-        self.observation_picker.currentIndexChanged.connect(self._update_frames_option)
-        self.run_button.clicked.connect(self.toggle)
+        self.observation_picker.currentIndexChanged.connect(self._on_observation_changed)
+        self.run_button.clicked.connect(lambda: self._toggle(self.run_button, self.start))
+        self.recover_all_button.clicked.connect(lambda: self._toggle(self.recover_all_button, self.recover_all))
+        self.save_button.clicked.connect(self._save_clicked)
+        # a model change (here or in another widget: the choice is a session setting) is looked at
+        # once the event loop is back, after every part of the choice (source, path) has changed
+        self._model_timer = QTimer(self)
+        self._model_timer.setSingleShot(True)
+        self._model_timer.setInterval(0)
+        self._model_timer.timeout.connect(self._rebuild_for_new_model)
+        self._rebuild_pending = False
+        self.settings.events.model_source.connect(self._on_model_changed)
+        self.settings.events.checkpoint_path.connect(self._on_model_changed)
+        self.lazy_check.toggled.connect(self._update_frames_option)
+        napari_viewer.layers.events.removed.connect(self._on_layer_removed)
+        self._on_observation_changed()
+        self._update_series_buttons()
+
+    # ---------------------------------------------------------------- options
+    def _on_lazy_clicked(self, *_):
+        self._lazy_choice_made = True
+
+    def _on_observation_changed(self, *_):
+        layer = self.observation_picker.layer()
+        if layer is not None and layer.ndim == 4 and not self._lazy_choice_made:
+            self.lazy_check.setChecked(layer.data.shape[0] > LAZY_DEFAULT_ABOVE_FRAMES)
         self._update_frames_option()
 
     def _update_frames_option(self, *_):
         layer = self.observation_picker.layer()
-        self.all_frames_check.setEnabled(layer is not None and layer.ndim == 4)
+        series = layer is not None and layer.ndim == 4
+        self.lazy_check.setEnabled(series)
+        self.all_frames_check.setEnabled(series and not self.lazy_check.isChecked())
+
+    def recovers_lazily(self, layer) -> bool:
+        """Whether Recover builds lazy layers for ``layer``: a (T, c, H, W) series with the box ticked."""
+        return layer is not None and layer.ndim == 4 and self.lazy_check.isChecked()
+
+    def _lazy_layers_shown(self) -> bool:
+        """Whether the layers of the current lazy series are still in the viewer with its data."""
+        if self.lazy is None:
+            return False
+        token = self.lazy.token
+        return any(spod_meta(layer).get("token") == token for layer in self.viewer.layers)
+
+    def _update_series_buttons(self) -> None:
+        running = self.is_running()
+        has_series = self._lazy_layers_shown()
+        for button in (self.run_button, self.recover_all_button, self.save_button):
+            if button is self._job_button and running:
+                button.setEnabled(True)
+            elif button is self.run_button:
+                button.setEnabled(not running)
+            else:
+                button.setEnabled(has_series and not running)
+
+    def _on_layer_removed(self, event=None) -> None:
+        try:
+            self._update_series_buttons()
+        except RuntimeError:  # the widget is being closed
+            pass
+
+    def _toggle(self, button, start) -> None:
+        """A job button: starts its job, or cancels it while it runs (the others wait)."""
+        if self.is_running():
+            if button is self._job_button:
+                self.cancel()
+            return
+        start()
+
+    def _started(self, job: Job | None, button) -> Job | None:
+        """Mark ``button`` as the one that cancels the job just started."""
+        if job is not None:
+            self._job_button = button
+            button.setText("Cancel")
+            self._update_series_buttons()
+        return job
+
+    def _on_model_changed(self, *_):
+        try:
+            self._model_timer.start()
+        except RuntimeError:  # the widget was closed
+            pass
+
+    def _rebuild_for_new_model(self) -> None:
+        """Another model: lazy layers built with the old one are rebuilt (their frames belong to
+        the old model's token and are never shown for the new one)."""
+        if self.lazy is None or not self._lazy_layers_shown():
+            return
+        if self.is_running():
+            self._rebuild_pending = True  # after the job
+            return
+        try:
+            model = self.model_picker.model_argument()
+        except Exception:
+            return  # an unusable choice: Recover says why when pressed
+        if model is self._lazy_model or (isinstance(model, str) and model == self._lazy_model):
+            return
+        source = self._lazy_source
+        if source is not None and contains_layer(self.viewer.layers, source):
+            self.observation_picker.set_layer(source)
+            self._toggle(self.run_button, self.start)
 
     def start(self) -> Job | None:
         if self.is_running():
@@ -206,7 +388,8 @@ class RecoverWidget(JobWidget):
             return None
         frame = None
         stack = layer.data
-        if layer.ndim == 4 and not self.settings.all_frames:
+        lazily = self.recovers_lazily(layer)
+        if layer.ndim == 4 and not self.settings.all_frames and not lazily:
             frame = current_frame(self.viewer, layer)
             stack = layer.data[frame]
         problem = value_problem(stack)
@@ -225,6 +408,8 @@ class RecoverWidget(JobWidget):
                         f"{psf.shape[0]} x {psf.shape[1]}. Choose a model trained for this PSF, or no PSF check.")
             return None
         model_text = self.model_picker.describe()
+        if lazily:
+            return self._start_lazy(layer, model, model_text, psf)
         self.run_button.setText("Cancel")
         self.progress.set_fraction(0)
         self.progress.set_text(f"Recovering '{layer.name}' with {model_text}…")
@@ -234,6 +419,8 @@ class RecoverWidget(JobWidget):
             info = result_info(result, layer, model_text, frame)
             self.last_result = result
             self.result_layers = add_result_layers(self.viewer, result, composite, layer, info, frame)
+            if result.image.ndim == 4:
+                self.lazy = None  # the lazy layers (same names) now hold the recovered arrays
             n_frames = 1 if result.image.ndim == 3 else result.image.shape[0]
             obj = result.objective
             obj_text = (f"objective {obj:.4g}" if isinstance(obj, float)
@@ -246,15 +433,156 @@ class RecoverWidget(JobWidget):
 
         self._job = Job(self, title="Recovery", on_progress=self._on_progress, on_result=on_result,
                         on_cancelled=self._on_cancelled, on_error=self._on_error, on_finished=self._on_finished)
-        return self._job.start_function(_recover_work, stack, model, psf, self.device_picker.device(),
-                                        int(self.settings.tile), n)
+        return self._started(self._job.start_function(_recover_work, stack, model, psf, self.device_picker.device(),
+                                                      int(self.settings.tile), n), self.run_button)
 
+    # ---------------------------------------------------------------- lazy series
+    def _start_lazy(self, layer, model, model_text: str, psf) -> Job:
+        frame = current_frame(self.viewer, layer)
+        self.progress.set_busy()
+        self.progress.set_text(f"Preparing a lazy recovery of '{layer.name}' with {model_text}…")
+        n_frames = int(layer.data.shape[0])
+
+        def on_result(out):
+            series, top, first_seconds = out
+            engine = series.engine
+            info = {"method": "spodnet", "lam": engine.lam, "model": model_text, "device": engine.info.get("device"),
+                    "translate": list(engine.translate), "source": layer.name, "frames": n_frames,
+                    "normalization": {"offset": engine.normalization.offset, "scale": engine.normalization.scale}}
+            pixel_size = spod_meta(layer).get("pixel_size")
+            if pixel_size:
+                info["pixel_size"] = pixel_size
+            label = "SPoD-Net"
+            names = {"image": f"{layer.name} {label}", "intensity": f"{layer.name} {label} intensity",
+                     "composite": f"{layer.name} {label} orientation"}
+            stack, intensity, orientation = add_lazy_recovery(
+                self.viewer, layer, series=series, outputs=("image", "intensity", "composite"), names=names,
+                info=info)
+            intensity.visible = False
+            show_scale_bar_if_physical(self.viewer, layer)
+            if self.lazy is not None and self.lazy.token != series.token:
+                self.lazy.invalidate()  # frames of the previous model / settings are never shown again
+            self.lazy, self._lazy_source, self._lazy_model = series, layer, model
+            self.last_result = None
+            self.result_layers = {"recovered": stack, "intensity": intensity, "orientation": orientation}
+            self.result_label.setText(
+                f"Lazy series of {n_frames} frames with {model_text}: each frame is recovered when the t slider "
+                f"shows it (frame {frame + 1}: {first_seconds:.2f} s on {engine.info.get('device')}). "
+                "Recover all fills the rest; Save to… writes the series to disk.")
+            self.progress.set_fraction(1)
+            self.progress.set_text("Lazy layers ready.")
+
+        self._job = Job(self, title="Lazy recovery", on_progress=self._on_progress, on_result=on_result,
+                        on_cancelled=self._on_cancelled, on_error=self._on_error, on_finished=self._on_finished)
+        return self._started(self._job.start_function(
+            _lazy_work, layer.data, model, psf, self.device_picker.device(), int(self.settings.tile),
+            self.settings.n_channels, frame), self.run_button)
+
+    def recover_all(self) -> Job | None:
+        """Recover every frame of the lazy series in a worker (progress, frames/s, Cancel)."""
+        if self.is_running():
+            return None
+        if not self._lazy_layers_shown():
+            self.refuse("recover a time series lazily first (Recover, with 'Recover lazily' ticked).")
+            return None
+        series = self.lazy
+        holds = series.frames_the_map_cache_holds()
+        T = series.shape[0]
+        note = "" if holds >= T else (f" (the cache holds {holds} of {T} frames; the others are recovered when "
+                                      "shown: use Save to… for the whole series)")
+        self.progress.set_fraction(0)
+        self.progress.set_text(f"Recover all: 0/{holds} frames{note}…")
+
+        def on_result(state: FillProgress):
+            for layer in self.result_layers.values():
+                layer.refresh()
+            self.progress.set_fraction(1)
+            self.progress.set_text(f"Recovered all: {state.done} frames in the cache ({state.computed} computed, "
+                                   f"{state.frames_per_second:.2f} frames/s){note}; moving the t slider is instant.")
+
+        def on_cancelled():
+            kept = sum(series.is_filled(t) for t in range(T))
+            for layer in self.result_layers.values():
+                layer.refresh()
+            self.progress.set_fraction(0)
+            self.progress.set_text(f"Recover all cancelled: {kept} of {T} frames are in the cache.")
+
+        self._job = Job(self, title="Recover all", on_progress=self._on_progress, on_result=on_result,
+                        on_cancelled=on_cancelled, on_error=self._on_error, on_finished=self._on_finished)
+        return self._started(self._job.start_function(_fill_work, series), self.recover_all_button)
+
+    def _save_clicked(self) -> None:
+        if self.is_running():
+            if self._job_button is self.save_button:
+                self.cancel()
+            return
+        if self.lazy is None:
+            self.refuse("recover a time series lazily first (Recover, with 'Recover lazily' ticked).")
+            return
+        path, _ = QFileDialog.getSaveFileName(self, "Save the recovered series", f"{self._lazy_source.name}.zarr",
+                                              "OME-Zarr (*.zarr);;BigTIFF (*.tif *.tiff)")
+        if path:
+            self.save_to(path)
+
+    def save_to(self, output) -> Job | None:
+        """Stream the lazy series to ``output`` (``.zarr``: OME-Zarr, else BigTIFF) in a worker."""
+        if self.is_running():
+            return None
+        if not self._lazy_layers_shown():
+            self.refuse("recover a time series lazily first (Recover, with 'Recover lazily' ticked).")
+            return None
+        outputs = self.save_outputs.currentData()
+        source = self._lazy_source
+        input_path = getattr(getattr(source, "source", None), "path", None)
+        try:
+            refuse_overwriting_input(input_path, output, outputs)
+        except Exception as exc:
+            self.refuse(error_message(exc))
+            return None
+        if not Path(output).expanduser().parent.is_dir():
+            self.refuse(f"the folder of {output} does not exist.")
+            return None
+        self.progress.set_fraction(0)
+        self.progress.set_text(f"Saving to {Path(output).name}…")
+
+        def on_result(summary):
+            names = ", ".join(p.name for p in summary.paths)
+            resumed = f", {summary.skipped} from an earlier run" if summary.skipped else ""
+            self.progress.set_fraction(1)
+            self.progress.set_text(f"Saved {summary.frames} frames to {names} ({summary.computed} recovered"
+                                   f"{resumed}, {summary.seconds:.1f} s).")
+            notify_info(f"Saved the recovered series: {names}")
+
+        def on_cancelled():
+            self.progress.set_fraction(0)
+            self.progress.set_text("Save cancelled: the frames done are kept in the partial output; saving to the "
+                                   "same name again resumes it.")
+
+        self._job = Job(self, title="Save", on_progress=self._on_progress, on_result=on_result,
+                        on_cancelled=on_cancelled, on_error=self._on_error, on_finished=self._on_finished)
+        return self._started(self._job.start_function(_save_work, self.lazy, source.data, str(output), outputs),
+                             self.save_button)
+
+    # ---------------------------------------------------------------- progress
     def _on_progress(self, items) -> None:
         update = items[-1]
         if isinstance(update, RecoveryProgress):
             self.progress.set_fraction(update.fraction)
             self.progress.set_text(progress_wording(update.message))
+        elif isinstance(update, FillProgress):
+            self.progress.set_fraction(update.fraction)
+            self.progress.set_text(f"Recover all: {update.line()}")
+        elif isinstance(update, StreamProgress):
+            self.progress.set_fraction(update.fraction)
+            self.progress.set_text(f"Saving: {update.line()}")
 
     def _on_finished(self) -> None:
         self.run_button.setText("Recover")
+        self.recover_all_button.setText("Recover all")
+        self.save_button.setText("Save to…")
+        self._job_button = None
+        self._update_series_buttons()
+        if self._rebuild_pending:
+            self._rebuild_pending = False
+            self._model_timer.start()
 
