@@ -543,3 +543,21 @@ def test_shipped_model_of_session_12_still_loads():
     assert net.untied and not net.preconditioned and net.parameterization == "log"
     x = net.recover(torch.rand(C, 40, 40))
     assert x.shape == (C, 71, 71) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("options", [dict(), dict(untied=True), dict(preconditioned=True), dict(n_harmonics=2)],
+                         ids=["tied", "untied", "preconditioned", "two-harmonics"])
+def test_low_rank_inference_equals_the_autograd_path(options):
+    """recover() runs the fused low-rank layer (fused_ops); it must compute what forward() with autograd does."""
+    net = SPoDNet(gaussian_psf(9, 1.5), C, n_layers=4, momentum=True, parameterization="log", **options)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in net.layers:  # move every parameter off its initial value
+            for p in layer.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype) * (p.abs().mean() + 0.1))
+    y = torch.rand(2, C, 20, 24, generator=gen)
+    fused = net.recover(y)
+    assert net._fused(1, (28, 32)) is not None
+    with torch.enable_grad():
+        reference = net(y).detach()
+    assert torch.allclose(fused, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))

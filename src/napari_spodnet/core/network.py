@@ -182,6 +182,48 @@ class SPoDLayer(_Layer):
         return (lambda x: SeparableSPoDConv.forward(x, g_spec, left, right, shape),
                 lambda r: SeparableSPoDConv.adjoint(r, g_adj_spec, left_adj, right_adj, shape))
 
+    def fused_ops(self, image_hw):
+        """Inference steps in the low-rank form (harmonic orientation; None otherwise), without autograd.
+
+        A layer's residual is only needed after its back-projection mixing ``L_adj^T``:
+        ``L_adj^T (L B(V z) - y) = (L_adj^T L) B(V z) - L_adj^T y``, an (r, H, W) image (r = 2K+1 = 3)
+        instead of the (c, H, W) = 18-channel one; the step ``z - eta V_adj^T corr - theta`` is one
+        batched GEMM over the image. Returns ``(first(y, eta, theta), step(z, y, eta, theta))``, each
+        giving the pre-threshold ``v`` (..., c, h, w) as a new tensor; equal to the plain path to
+        float rounding (tests/test_network.py).
+        """
+        if self.orientation != "harmonic":
+            return None
+        from .physics import _blur_projected, _correlate_mixed, _mix_into
+
+        s = fft_shape(tuple(int(v) for v in image_hw))
+        g_spec = torch.fft.rfft2(self.g, s=s)
+        left, right = self._factors(self.h)
+        if self.untied:
+            g_adj_spec = torch.fft.rfft2(self.g_adj, s=s)
+            left_adj, right_adj = self._factors(self.h_adj)
+        else:
+            g_adj_spec, left_adj, right_adj = g_spec, left, right
+        if self.preconditioned:
+            g_adj_spec = g_adj_spec * self.preconditioner(g_spec)
+        shape = tuple(self.g.shape)
+        gram = left_adj.T @ left          # (r, r)
+        back = right_adj.T.contiguous()   # (c, r)
+
+        def first(y, eta, theta):
+            corr = _correlate_mixed(torch.einsum("tr,...thw->...rhw", left_adj, y), g_adj_spec, shape)
+            lead, hw = corr.shape[:-3], corr.shape[-2:]
+            empty = torch.empty((*lead, back.shape[0], *hw), dtype=corr.dtype, device=corr.device)
+            return _mix_into(back, corr, empty, beta=0.0, alpha=eta, shift=theta)
+
+        def step(z, y, eta, theta):
+            blurred = _blur_projected(torch.einsum("rk,...khw->...rhw", right, z), g_spec, shape)
+            u = torch.einsum("rq,...qhw->...rhw", gram, blurred).sub_(torch.einsum("tr,...thw->...rhw", left_adj, y))
+            corr = _correlate_mixed(u, g_adj_spec, shape)
+            return _mix_into(back, corr, z.contiguous(), beta=1.0, alpha=-eta, shift=theta)
+
+        return first, step
+
 
     def preconditioner(self, g_spec: torch.Tensor) -> torch.Tensor:
         """``P_j(f)`` (2K+1, s0, s1//2+1) for the forward filter's spectrum ``g_spec`` (s0, s1//2+1)."""
@@ -292,6 +334,20 @@ class UnrolledISTA(nn.Module):
         self.layers.append(layer)
         return layer
 
+    def _fused(self, m: int, image_hw):
+        """Cached :meth:`SPoDLayer.fused_ops` of layer m (None for layers without a low-rank form)."""
+        layer = self.layers[m]
+        if not hasattr(layer, "fused_ops"):
+            return None
+        params = list(layer.parameters())
+        key = ("fused", m, tuple(image_hw), tuple(p._version for p in params), params[0].device, params[0].dtype)
+        ops = self._cache.get(key, False)
+        if ops is False:
+            if len(self._cache) > 4 * max(self.n_layers, 1):
+                self._cache.clear()
+            ops = self._cache[key] = layer.fused_ops(image_hw)
+        return ops
+
     def _ops(self, m: int, image_hw):
         """Per-layer (forward, adjoint); the filter spectra are cached while the parameters do not change."""
         if torch.is_grad_enabled():
@@ -348,17 +404,19 @@ class UnrolledISTA(nn.Module):
         x = x_prev = z = None
         for m in range(n_layers):
             layer = self.layers[m]
-            fwd, adj = self._ops(m, image_hw)
             eta = float(layer.step_multiplier() * self.eta_scale)
             theta = float(layer.threshold_multiplier() * self.theta_scale * size_ratio)
-            if z is None:
-                v = adj(y).mul_(eta)
+            fused = self._fused(m, image_hw)
+            if fused is not None:
+                v = fused[0](y, eta, theta) if z is None else fused[1](z, y, eta, theta)
             else:
-                v = adj(fwd(z).sub_(y)).mul_(-eta).add_(z)
-            v.sub_(theta)
+                fwd, adj = self._ops(m, image_hw)
+                v = adj(y).mul_(eta) if z is None else adj(fwd(z).sub_(y)).mul_(-eta).add_(z)
+                v.sub_(theta)
             x = torch.relu_(v) if self.alpha == 0 else torch.nn.functional.leaky_relu_(v, self.alpha)
             if self.momentum and x_prev is not None:
-                z = torch.sub(x, x_prev).mul_(float(layer.mu)).add_(x)
+                # x + mu (x - x_prev) in one pass
+                z = torch.lerp(x_prev, x, 1.0 + float(layer.mu))
             else:
                 z = x
             x_prev = x
