@@ -517,11 +517,11 @@ def test_preconditioned_network_round_trips_and_rejects_full_orientation(tmp_pat
         SPoDNet(gaussian_psf(7, 1.2), C, n_layers=1, orientation="full", preconditioned=True)
 
 
-def test_build_network_ignores_settings_it_does_not_know(psf):
+def test_build_network_refuses_settings_it_does_not_know_by_name(psf):
     config = SPoDNet(psf, C, n_layers=2).config()
     config["from_the_future"] = 3
-    net = build_network(config, psf)
-    assert net.n_layers == 2 and net.metadata["ignored_config"] == ["from_the_future"]
+    with pytest.raises(SPoDInputError, match="from_the_future.*newer version"):
+        build_network(config, psf)
 
 
 def test_network_pickles_after_inference(psf):

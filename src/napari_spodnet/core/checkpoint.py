@@ -274,6 +274,11 @@ def load_checkpoint(path, device=None, n_channels: int | None = None, psf_shape=
             raise CheckpointError(f"{path.name}: parameter {name} holds NaN or infinite values.")
     try:
         net = build_network(config, tensors["psf"].float().numpy())
+    except SPoDInputError as exc:
+        raise CheckpointError(f"{path.name}: {exc}") from None
+    except (TypeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path.name}: damaged checkpoint header ({exc}).") from None
+    try:
         net.load_state_dict(tensors, strict=True)
     except (RuntimeError, TypeError, KeyError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path.name}: weights do not fit the stored architecture ({exc}).") from None

@@ -535,14 +535,14 @@ def build_network(config: dict, psf) -> UnrolledISTA:
     if arch not in ARCHITECTURES:
         raise SPoDInputError(f"unknown architecture {arch!r}")
     cls = ARCHITECTURES[arch]
-    # Only the constructor's own arguments: a header written by newer code may carry settings this
-    # version does not know (reported in ``ignored``, never passed on as unexpected keywords).
+    # A setting this version does not know may change what the network computes (and need not add
+    # weights that would give it away): refuse it by name rather than load a different network.
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "psf", "dtype"}
-    ignored = sorted(set(cfg) - accepted)
-    net = cls(psf, **{k: v for k, v in cfg.items() if k in accepted})
-    if ignored:
-        net.metadata["ignored_config"] = ignored
-    return net
+    unknown = sorted(set(cfg) - accepted)
+    if unknown:
+        raise SPoDInputError(f"the model uses settings this version of napari-spodnet does not know "
+                             f"({', '.join(unknown)}); it was made by a newer version: update napari-spodnet.")
+    return cls(psf, **cfg)
 
 
 def count_parameters(net: nn.Module) -> int:
