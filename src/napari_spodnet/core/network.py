@@ -167,7 +167,9 @@ class SPoDLayer(_Layer):
             return harmonic_left_factor(h, self.n_channels), self.basis
         return circulant(h), None
 
-    def ops(self, image_hw):
+    def _filters(self, image_hw):
+        """This layer's spectra and channel factors at an image size: (g_spec, left, right, g_adj_spec,
+        left_adj, right_adj, kernel shape); the back-projection spectrum includes the preconditioner."""
         s = fft_shape(tuple(int(v) for v in image_hw))
         g_spec = torch.fft.rfft2(self.g, s=s)
         left, right = self._factors(self.h)
@@ -179,6 +181,10 @@ class SPoDLayer(_Layer):
         if self.preconditioned:
             g_adj_spec = g_adj_spec * self.preconditioner(g_spec)
         shape = tuple(self.g.shape)
+        return g_spec, left, right, g_adj_spec, left_adj, right_adj, shape
+
+    def ops(self, image_hw):
+        g_spec, left, right, g_adj_spec, left_adj, right_adj, shape = self._filters(image_hw)
         return (lambda x: SeparableSPoDConv.forward(x, g_spec, left, right, shape),
                 lambda r: SeparableSPoDConv.adjoint(r, g_adj_spec, left_adj, right_adj, shape))
 
@@ -196,17 +202,7 @@ class SPoDLayer(_Layer):
             return None
         from .physics import _blur_projected, _correlate_mixed, _mix_into
 
-        s = fft_shape(tuple(int(v) for v in image_hw))
-        g_spec = torch.fft.rfft2(self.g, s=s)
-        left, right = self._factors(self.h)
-        if self.untied:
-            g_adj_spec = torch.fft.rfft2(self.g_adj, s=s)
-            left_adj, right_adj = self._factors(self.h_adj)
-        else:
-            g_adj_spec, left_adj, right_adj = g_spec, left, right
-        if self.preconditioned:
-            g_adj_spec = g_adj_spec * self.preconditioner(g_spec)
-        shape = tuple(self.g.shape)
+        g_spec, left, right, g_adj_spec, left_adj, right_adj, shape = self._filters(image_hw)
         gram = left_adj.T @ left          # (r, r)
         back = right_adj.T.contiguous()   # (c, r)
 
