@@ -244,7 +244,8 @@ def _probe(net: UnrolledISTA, path: Path) -> None:
     try:
         out = net.recover(y.to(dtype=net.psf.dtype))
     except (RuntimeError, ValueError, SPoDInputError) as exc:
-        raise CheckpointError(f"{path.name}: the network fails on a test observation ({exc}).") from None
+        raise CheckpointError(f"{path.name}: the network fails on a test observation "
+                              f"({type(exc).__name__}: {exc or 'no message'}).") from None
     if not bool(torch.isfinite(out).all()):
         raise CheckpointError(f"{path.name}: the network gives NaN or infinite values on a test observation; "
                               "the weights are damaged.")

@@ -34,7 +34,7 @@ from ..core.recover import FrameRecoverer, RecoveryCancelled, RecoveryProgress, 
 from ..lazy import FillProgress, LazyRecovery
 from ..stream import StreamProgress, recover_to_file, refuse_overwriting_input
 from ._controls import ProgressRow, make_spin
-from ._jobs import Job, JobWidget
+from ._jobs import Job, JobWidget, StepChain
 from ._layers import (
     add_or_update_image,
     contains_layer,
@@ -147,7 +147,18 @@ def result_info(result, source_layer, model_text: str, frame: int | None) -> dic
 
 def add_result_layers(viewer, result, composite, source_layer, info: dict, frame: int | None,
                       label: str = "SPoD-Net") -> dict:
-    """Add (or refresh) the stack, intensity and orientation layers, registered to ``source_layer``.
+    """Add (or refresh) the result layers now (all of :func:`result_layer_steps` in this turn)."""
+    layers: dict = {}
+    for step in result_layer_steps(viewer, result, composite, source_layer, info, frame, layers, label):
+        step()
+    return layers
+
+
+def result_layer_steps(viewer, result, composite, source_layer, info: dict, frame: int | None, layers: dict,
+                       label: str = "SPoD-Net") -> list:
+    """The stack, intensity and orientation layers, registered to ``source_layer``, as GUI steps of one
+    napari call each (for :class:`._jobs.StepChain`); they fill ``layers`` (recovered / intensity /
+    orientation).
 
     * (c, H, W) source: (c, h, w) stack, (h, w) intensity and (h, w, 3) composite;
     * one frame of a (T, c, H, W) series: the same, without a t axis (named "t=<frame>");
@@ -169,17 +180,23 @@ def add_result_layers(viewer, result, composite, source_layer, info: dict, frame
         flat_place = registered_placement(source_layer, result.translate, drop=lead_drop + (-3,))
         intensity_data, composite_data = result.intensity, composite
         flat_labels = ("y", "x")
-    stack = add_or_update_image(
-        viewer, result.image, f"{base} {label}", "recovered", info, visible=False, colormap="gray",
-        axis_labels=("t", "orientation", "y", "x") if whole_series else ("orientation", "y", "x"), **stack_place)
-    intensity = add_or_update_image(
-        viewer, intensity_data, f"{base} {label} intensity", "intensity", info, colormap="gray",
-        visible=False, axis_labels=flat_labels, contrast_limits=display_range(intensity_data), **flat_place)
-    orientation = add_or_update_image(
-        viewer, composite_data, f"{base} {label} orientation", "orientation", info, rgb=True,
-        axis_labels=flat_labels, **flat_place)
-    show_scale_bar_if_physical(viewer, source_layer)
-    return {"recovered": stack, "intensity": intensity, "orientation": orientation}
+    def stack():
+        layers["recovered"] = add_or_update_image(
+            viewer, result.image, f"{base} {label}", "recovered", info, visible=False, colormap="gray",
+            axis_labels=("t", "orientation", "y", "x") if whole_series else ("orientation", "y", "x"),
+            **stack_place)
+
+    def intensity():
+        layers["intensity"] = add_or_update_image(
+            viewer, intensity_data, f"{base} {label} intensity", "intensity", info, colormap="gray",
+            visible=False, axis_labels=flat_labels, contrast_limits=display_range(intensity_data), **flat_place)
+
+    def orientation():
+        layers["orientation"] = add_or_update_image(
+            viewer, composite_data, f"{base} {label} orientation", "orientation", info, rgb=True,
+            axis_labels=flat_labels, **flat_place)
+
+    return [stack, intensity, orientation, lambda: show_scale_bar_if_physical(viewer, source_layer)]
 
 
 class RecoverWidget(JobWidget):
@@ -191,6 +208,7 @@ class RecoverWidget(JobWidget):
         super().__init__(napari_viewer, parent)
         self.last_result = None
         self.result_layers: dict = {}
+        self._presenting: StepChain | None = None  # result layers being added, one napari call per turn
 
         self.model_picker = ModelSourcePicker()
         self.observation_picker = LayerPicker(napari_viewer, is_observation_candidate,
@@ -204,7 +222,7 @@ class RecoverWidget(JobWidget):
             0, 16384, self.settings.tile, step=64,
             tooltip="Observation tile size in pixels for large images (0: whole frames)."))
         self.tile_spin.setSpecialValueText("whole frames")
-        self.lazy_check = QCheckBox("Recover lazily (frames computed when shown)")
+        self.lazy_check = QCheckBox("Recover lazily (frames on demand)")
         self.lazy_check.setToolTip("For a time series: the result layers appear at once and each frame is "
                                    "recovered when the t slider shows it (one network pass). 'Recover all' "
                                    "fills the rest in the background; 'Save to…' writes the series to disk.")
@@ -418,23 +436,38 @@ class RecoverWidget(JobWidget):
             result, composite = out
             info = result_info(result, layer, model_text, frame)
             self.last_result = result
-            self.result_layers = add_result_layers(self.viewer, result, composite, layer, info, frame)
-            if result.image.ndim == 4:
-                self.lazy = None  # the lazy layers (same names) now hold the recovered arrays
-            n_frames = 1 if result.image.ndim == 3 else result.image.shape[0]
-            obj = result.objective
-            obj_text = (f"objective {obj:.4g}" if isinstance(obj, float)
-                        else "" if obj is None else f"mean objective {float(sum(obj) / len(obj)):.4g}")
-            text = (f"Recovered {n_frames} frame(s) in {result.seconds:.2f} s on {result.info.get('device')}"
-                    f" ({result.info.get('tiles')} tile(s)); {obj_text}.")
-            self.result_label.setText(text)
-            self.progress.set_fraction(1)
-            self.progress.set_text("Done.")
+            layers: dict = {}
+            # One napari call per event-loop turn (adding a layer costs 150-400 ms): the window stays live.
+            steps = result_layer_steps(self.viewer, result, composite, layer, info, frame, layers)
+
+            def presented():
+                self.result_layers = layers
+                if result.image.ndim == 4:
+                    self.lazy = None  # the lazy layers (same names) now hold the recovered arrays
+                n_frames = 1 if result.image.ndim == 3 else result.image.shape[0]
+                obj = result.objective
+                obj_text = (f"objective {obj:.4g}" if isinstance(obj, float)
+                            else "" if obj is None else f"mean objective {float(sum(obj) / len(obj)):.4g}")
+                text = (f"Recovered {n_frames} frame(s) in {result.seconds:.2f} s on {result.info.get('device')}"
+                        f" ({result.info.get('tiles')} tile(s)); {obj_text}.")
+                self.result_label.setText(text)
+                self.progress.set_fraction(1)
+                self.progress.set_text("Done.")
+
+            self._presenting = StepChain(self, self.job_title, steps, on_done=presented).start()
 
         self._job = Job(self, title="Recovery", on_progress=self._on_progress, on_result=on_result,
                         on_cancelled=self._on_cancelled, on_error=self._on_error, on_finished=self._on_finished)
         return self._started(self._job.start_function(_recover_work, stack, model, psf, self.device_picker.device(),
                                                       int(self.settings.tile), n), self.run_button)
+
+    def is_running(self) -> bool:
+        """The job, or the presentation of its results, is still going on."""
+        return super().is_running() or (self._presenting is not None and self._presenting.running)
+
+    def cancel(self) -> None:
+        if super().is_running():  # the presentation of finished results is not cancelled
+            super().cancel()
 
     # ---------------------------------------------------------------- lazy series
     def _start_lazy(self, layer, model, model_text: str, psf) -> Job:
