@@ -74,6 +74,34 @@ def _initial_step(op: SPoDOperator, y: torch.Tensor, step) -> tuple[float, bool]
     raise SPoDInputError(f"step must be 'bound', 'power', 'backtracking' or a number, got {step!r}")
 
 
+def _momentum_step(x, x_new, res, res_new, f_prev, f_new, t, restart: bool, rise_tol: float, per_item, batched: bool):
+    """FISTA's extrapolation with function-value restart, for an iterate and a residual tracked with it.
+
+    ``res`` is whatever linear image of x the loop carries (the residual ``A x - y`` or its
+    low-rank form ``L^T (A x - y)``): the momentum point's one is the same combination.
+    Returns ``(x_new, res_new, f_new, z, res_z, t_new, n_restarts)``; where the objective rose
+    (O'Donoghue & Candes), the momentum is dropped and the previous iterate kept.
+    """
+    t_new = (1 + torch.sqrt(1 + 4 * t * t)) / 2
+    beta = (t - 1) / t_new
+    n_restarts = 0
+    if restart:
+        rose = f_new > f_prev + rise_tol * f_prev.abs()
+        if bool(rose.any()):
+            n_restarts = int(rose.sum())
+            keep = per_item(rose)
+            x_new = torch.where(keep, x, x_new)
+            res_new = torch.where(keep, res, res_new)
+            f_new = torch.where(rose, f_prev, f_new)
+            t_new = torch.where(rose, torch.ones_like(t_new), t_new)
+            beta = torch.where(rose, torch.zeros_like(beta), beta)
+    # z = x_new + beta (x_new - x) = lerp(x, x_new, 1 + beta); the same for the residual.
+    weight = per_item(1 + beta)
+    if not batched:
+        weight = float(weight)
+    return x_new, res_new, f_new, torch.lerp(x, x_new, weight), torch.lerp(res, res_new, weight), t_new, n_restarts
+
+
 def _solve(op: SPoDOperator, y, lam: float, *, accelerate: bool, max_iter: int, tol: float, x0, step,
            restart: bool, callback: Callback | None) -> SolverResult:
     lam = check_lam(lam)
@@ -154,27 +182,9 @@ def _solve(op: SPoDOperator, y, lam: float, *, accelerate: bool, max_iter: int, 
             torch.linalg.vector_norm(x_new, dim=reduce).clamp_min(1e-30)
 
         if accelerate:
-            t_new = (1 + torch.sqrt(1 + 4 * t * t)) / 2
-            beta = (t - 1) / t_new
-            if restart:
-                # Function-value restart (O'Donoghue & Candes): where the objective rose,
-                # drop the momentum and restart from the previous iterate.
-                rose = f_new > f_prev + rise_tol * f_prev.abs()
-                if bool(rose.any()):
-                    restarts += int(rose.sum())
-                    keep = per_item(rose)
-                    x_new = torch.where(keep, x, x_new)
-                    r_new = torch.where(keep, r, r_new)
-                    f_new = torch.where(rose, f_prev, f_new)
-                    t_new = torch.where(rose, torch.ones_like(t_new), t_new)
-                    beta = torch.where(rose, torch.zeros_like(beta), beta)
-            # z = x_new + beta (x_new - x) = lerp(x, x_new, 1 + beta); the same for residuals.
-            weight = per_item(1 + beta)
-            if not batch:
-                weight = float(weight)
-            z = torch.lerp(x, x_new, weight)
-            rz = torch.lerp(r, r_new, weight)
-            t = t_new
+            x_new, r_new, f_new, z, rz, t, n_restarts = _momentum_step(
+                x, x_new, r, r_new, f_prev, f_new, t, restart, rise_tol, per_item, bool(batch))
+            restarts += n_restarts
         else:
             z, rz = x_new, r_new
 
@@ -245,28 +255,10 @@ def _solve_fixed_step(op: SPoDOperator, y: torch.Tensor, x: torch.Tensor, lam: f
             diff = torch.sub(x_new, x, out=diff if diff is not None and diff.shape == x.shape else None)
             step_norm = torch.linalg.vector_norm(diff, dim=reduce)
         if accelerate:
-            t_new = (1 + torch.sqrt(1 + 4 * t * t)) / 2
-            beta = (t - 1) / t_new
-            if restart:
-                # Function-value restart (O'Donoghue & Candes): where the objective rose,
-                # drop the momentum and restart from the previous iterate.
-                rose = f_new > f_prev + rise_tol * f_prev.abs()
-                if bool(rose.any()):
-                    restarts += int(rose.sum())
-                    keep = per_item(rose)
-                    x_new = torch.where(keep, x, x_new)
-                    u_new = torch.where(keep, u, u_new)
-                    f_new = torch.where(rose, f_prev, f_new)
-                    t_new = torch.where(rose, torch.ones_like(t_new), t_new)
-                    beta = torch.where(rose, torch.zeros_like(beta), beta)
-            # z = x_new + beta (x_new - x) = lerp(x, x_new, 1 + beta); the same for u.
-            weight = per_item(1 + beta)
-            if not batch:
-                weight = float(weight)
-            z = torch.lerp(x, x_new, weight)
+            x_new, u_new, f_new, z, uz, t, n_restarts = _momentum_step(
+                x, x_new, u, u_new, f_prev, f_new, t, restart, rise_tol, per_item, bool(batch))
+            restarts += n_restarts
             z_is_ours = True
-            uz = torch.lerp(u, u_new, weight)
-            t = t_new
         else:
             z, uz = x_new, u_new
         x, u, f_prev = x_new, u_new, f_new
