@@ -105,10 +105,19 @@ def run(args) -> dict:
     torch.set_num_threads(1)
 
     results = {"settings": dict(size=size, families=families, photons=photons, threads=threads,
-                                fista_iterations=n_iter, lam=DEFAULT_LAMBDA, quick=quick), "variants": {}, "cases": []}
+                                fista_iterations=n_iter, lam=DEFAULT_LAMBDA, quick=quick,
+                                checkpoints=[str(p) for p in getattr(args, "checkpoints", None) or []]), "variants": {}, "cases": []}
+    checkpoints = getattr(args, "checkpoints", None)
+    if checkpoints:  # checkpoints are tied to the PSF they were trained with: the default one
+        psfs = {"default Airy": default_psf()}
     for psf_name, psf in psfs.items():
         variants = {}
-        if psf_name == "default Airy":
+        if checkpoints:
+            for path in [SHIPPED, *checkpoints]:
+                net = load_checkpoint(path)
+                variants[f"{path.stem} ({net.n_layers} layers)"] = (
+                    net, float(net.metadata.get("training", {}).get("seconds", float("nan"))))
+        elif psf_name == "default Airy":
             for label, path in (("first shipped model (tied, layer-wise, multipliers)", PREVIOUS),
                                 ("session-12 model (log schedule, untied, no preconditioner)", SESSION12),
                                 ("shipped default (standard: preconditioned, log schedule, end-to-end)", SHIPPED)):
@@ -120,7 +129,9 @@ def run(args) -> dict:
                    # Distillation (eq. 8): FISTA-500 solutions of fixed crops as targets, same recipe otherwise.
                    ("quick, supervised against FISTA-500 (eq. 8)", "quick",
                     dict(loss="supervised", supervised_iterations=40 if quick else 500, fresh_crops=False)))
-        if psf_name != next(iter(psfs)):
+        if checkpoints:
+            trained = ()
+        elif psf_name != next(iter(psfs)):
             trained = trained[:1]  # CPU budget: the other variants on the first PSF only
         for label, preset, extra in trained:
             variants[label] = _train(psf, preset, {**tiny, **extra}, train_obs, train_size)
@@ -211,7 +222,7 @@ def _headline(results) -> list:
     keys = list(results["variants"])
     preferred = [k for k in keys if k.startswith(("shipped default", "preconditioned end-to-end",
                                                   "session-12", "paper layer-wise"))]
-    return (preferred or keys)[:4]
+    return (preferred if preferred and not results["settings"].get("checkpoints") else keys)[:4]
 
 
 def main(argv=None) -> dict:
@@ -221,6 +232,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--fista-iterations", type=int, default=1200)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--checkpoints", type=Path, nargs="+", default=None,
+                        help="judge only these checkpoints (and the shipped default) on the default PSF; "
+                             "trains nothing")
     args = parser.parse_args(argv)
     results = run(args)
     table = _summary(results)

@@ -33,6 +33,20 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "src" / "napari_spodnet" 
 PHOTONS = (50.0, 200.0, 1000.0)
 
 
+def training_observation(kind: str, size: int, psf, index: int):
+    """Training observation ``index`` (seed 100 + index): a SimulatedObservation, (18, size, size) counts."""
+    if kind == "simulate":
+        return simulate((size, size), psf=psf, seed=100 + index, photons=PHOTONS[index % 3])
+    # "varied": densities and photons log-uniform, drawn from their own seed so observation i is reproducible
+    rng = np.random.default_rng(5000 + index)
+    area = size * size / (128 * 128)
+    n_filaments = max(1, int(round(np.exp(rng.uniform(np.log(1), np.log(8))) * area)))
+    n_puncta = max(1, int(round(np.exp(rng.uniform(np.log(4), np.log(250))) * area)))
+    photons = float(np.exp(rng.uniform(np.log(30), np.log(2000))))
+    return simulate((size, size), psf=psf, seed=100 + index, n_filaments=n_filaments, n_puncta=n_puncta,
+                    photons=photons)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -41,28 +55,46 @@ def main(argv=None) -> None:
     parser.add_argument("--observations", type=int, default=12)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--layers", type=int, default=None, help="layers (default: the preset's)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
+    parser.add_argument("--data", choices=("simulate", "varied"), default="simulate",
+                        help="training data: simulate's defaults, or densities and photons drawn per observation")
+    parser.add_argument("--log-loss", action="store_true",
+                        help="train on the mean log objective (weighs bright and dim crops alike)")
+    parser.add_argument("--truth-weight", type=float, default=0.0,
+                        help="weight of the ground-truth error in the loss (0: the objective alone)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     psf = default_psf()
-    observations = [simulate((args.size, args.size), psf=psf, seed=100 + i, photons=PHOTONS[i % 3]).observation
-                    for i in range(args.observations)]
-    validation = [simulate((args.size, args.size), psf=psf, seed=90 + i, photons=p).observation
-                  for i, p in enumerate(PHOTONS)]
-    config = TrainingConfig.preset(args.preset)
-    trainer = Trainer(observations, psf, config, device=args.device, validation_observations=validation)
+    sims = [training_observation(args.data, args.size, psf, i) for i in range(args.observations)]
+    validation = [simulate((args.size, args.size), psf=psf, seed=90 + i, photons=p) for i, p in enumerate(PHOTONS)]
+    overrides = {k: v for k, v in (("n_layers", args.layers), ("epochs", args.epochs)) if v is not None}
+    if args.log_loss:
+        overrides["log_loss"] = True
+    if args.truth_weight:
+        overrides["truth_weight"] = args.truth_weight
+    config = TrainingConfig.preset(args.preset, **overrides)
+    trainer = Trainer([s.observation for s in sims], psf, config, device=args.device,
+                      validation_observations=[s.observation for s in validation],
+                      truths=[s.truth for s in sims] if args.truth_weight else None,
+                      validation_truths=[s.truth for s in validation] if args.truth_weight else None)
 
     def report(p) -> None:
         if p.epoch % 10 == 0 or p.stage == "done":
             print(f"{p.message}: train {p.train_loss:.6g} val {p.val_loss:.6g} ({p.elapsed:.0f} s)", flush=True)
 
     net = trainer.run(report)
-    net.metadata.update(name="default", description="10-layer SPoD-Net (harmonic h, Wiener-like preconditioned step, "
-                        "learned log-space step/threshold/"
+    data = ("filaments and puncta at 50/200/1000 photons" if args.data == "simulate" else
+            "filaments and puncta of varied density at 30-2000 photons")
+    net.metadata.update(name="default", description=f"{net.n_layers}-layer SPoD-Net (harmonic h, Wiener-like "
+                        "preconditioned step, learned log-space step/threshold/"
                         "momentum/preconditioner schedule), trained end to end on synthetic "
-                        "filaments and puncta at 50/200/1000 photons, default Airy PSF (NA 1.2, 520 nm, 65 nm pixels)",
+                        f"{data}, default Airy PSF (NA 1.2, 520 nm, 65 nm pixels)",
                         script="scripts/train_default_model.py", preset=args.preset,
-                        training_observations=args.observations, training_size=args.size)
+                        training_observations=args.observations, training_size=args.size,
+                        training_data=args.data, log_loss=args.log_loss,
+                        truth_weight=args.truth_weight)
     path = save_checkpoint(net.cpu(), args.out)
     print(f"wrote {path} ({path.stat().st_size / 1024:.1f} kB) after {trainer.history[-1].elapsed:.0f} s")
 

@@ -87,6 +87,9 @@ class TrainingConfig:
     shrink: str = "lr-decay"             # or "parameters" (the paper's literal pseudo-code)
     loss: str = "unsupervised"           # or "supervised" (against FISTA solutions)
     supervised_iterations: int = 500
+    #: Unsupervised end-to-end training with known ground truth (simulated data, ``Trainer(truths=...)``):
+    #: the loss is ``(1 - w) * objective + w * truth error``, each relative to the untrained network's.
+    truth_weight: float = 0.0
     flips: bool = True
     preprocess: bool = False
     preprocess_mode: str = "subtract"
@@ -102,7 +105,7 @@ class TrainingConfig:
 
     def validate(self) -> None:
         numbers = ("lam", "alpha", "lr", "scalar_lr", "filter_lr", "step2_new", "step2_old", "gamma",
-                   "deep_supervision")
+                   "deep_supervision", "truth_weight")
         for name in numbers:
             value = getattr(self, name)
             if value is None and name in ("scalar_lr", "filter_lr"):
@@ -147,6 +150,10 @@ class TrainingConfig:
              "the preconditioner needs the spodnet architecture with the harmonic orientation filter"),
             (self.loss in ("unsupervised", "supervised"), f"loss {self.loss!r}"),
             (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
+            (0 <= self.truth_weight < 1, "truth_weight must be in [0, 1)"),
+            (self.truth_weight == 0 or (self.loss == "unsupervised" and self.schedule == "end-to-end"
+                                        and self.deep_supervision == 0 and not self.preprocess),
+             "truth_weight needs the unsupervised end-to-end schedule without deep supervision or preprocessing"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -247,32 +254,71 @@ def fista_equivalent_iterations(objective: float, fista_history) -> float:
 
 
 def random_crops(observations: Sequence[np.ndarray], n: int, size: int, rng: np.random.Generator,
-                 flips: bool) -> np.ndarray:
+                 flips: bool, images: Sequence[np.ndarray] | None = None):
     """``n`` random (c, size, size) crops; a flip also mirrors the polarization order.
 
     Mirroring the image mirrors every dipole angle ``theta -> -theta``, so channel ``t``
     moves to ``-t mod c``; flipping the pixels alone would pair structures with the
     wrong polarization.
+
+    With ``images`` (one (c, h, w) image per observation, ``h = H + a - 1``: the ground truth),
+    returns ``(crops, image_crops)``: image crop ``(c, size + a - 1, size + b - 1)`` is the part of
+    the image that the observation crop sees, flipped alike (with a mirror-symmetric PSF a flip of
+    the observation is a flip of the image).
     """
-    crops = []
+    crops, image_crops = [], []
     for _ in range(n):
-        obs = observations[rng.integers(len(observations))]
+        k = rng.integers(len(observations))
+        obs = observations[k]
         H, W = obs.shape[-2:]
         i, j = rng.integers(0, H - size + 1), rng.integers(0, W - size + 1)
         crop = obs[:, i:i + size, j:j + size]
+        image = None
+        if images is not None:
+            a, b = images[k].shape[-2] - H + 1, images[k].shape[-1] - W + 1
+            image = images[k][:, i:i + size + a - 1, j:j + size + b - 1]
         if flips:
             c = crop.shape[0]
             mirror = (-np.arange(c)) % c
             if rng.random() < 0.5:
                 crop = crop[mirror][:, :, ::-1]
+                image = None if image is None else image[mirror][:, :, ::-1]
             if rng.random() < 0.5:
                 crop = crop[mirror][:, ::-1, :]
+                image = None if image is None else image[mirror][:, ::-1, :]
         crops.append(np.ascontiguousarray(crop))
-    return np.stack(crops).astype(np.float32)
+        if image is not None:
+            image_crops.append(np.ascontiguousarray(image))
+    crops = np.stack(crops).astype(np.float32)
+    return crops if images is None else (crops, np.stack(image_crops).astype(np.float32))
 
 
 def _psf_is_mirror_symmetric(psf: np.ndarray, tol: float = 0.05) -> bool:
     return all(np.abs(psf - np.flip(psf, axis)).sum() <= tol * np.abs(psf).sum() for axis in (0, 1))
+
+
+def prepare_truths(observations, truths, psf_shape, config: TrainingConfig) -> list[np.ndarray]:
+    """Ground truths (c, h, w) in the units of the normalised observations: ``truth / scale``.
+
+    The camera counts are ``A truth + background + offset + noise`` (``core.simulate``), and
+    normalisation subtracts an offset and divides by ``scale``; the offset is not part of ``x``.
+    """
+    if isinstance(observations, np.ndarray) and observations.ndim in (3, 4):
+        observations, truths = [observations], [truths]
+    if truths is None or len(truths) != len(observations):
+        raise SPoDInputError("Give one ground truth per training observation.")
+    settings = NormalizationSettings.from_dict(config.normalization)
+    out = []
+    for obs, truth in zip(observations, truths):
+        obs, truth = np.asarray(obs), np.asarray(truth, dtype=np.float32)
+        if obs.ndim != 3 or truth.ndim != 3 or truth.shape[0] != obs.shape[0] or \
+                truth.shape[-2:] != (obs.shape[-2] + psf_shape[0] - 1, obs.shape[-1] + psf_shape[1] - 1):
+            raise SPoDInputError(f"A ground truth (c, H + a - 1, W + b - 1) must go with observation {obs.shape} "
+                                 f"and PSF {tuple(psf_shape)}; got {truth.shape}.")
+        if not np.isfinite(truth).all():
+            raise SPoDInputError("A ground truth holds NaN or infinite values.")
+        out.append(truth / np.float32(fit_normalization(obs, settings).scale))
+    return out
 
 
 def prepare_observations(observations, psf_shape, n_channels: int, config: TrainingConfig) -> list[np.ndarray]:
@@ -296,11 +342,21 @@ def prepare_observations(observations, psf_shape, n_channels: int, config: Train
     return frames
 
 
+@dataclass
+class TruthTarget:
+    """Ground-truth image crops (n, c, h, w), normalised units: selects the mixed loss."""
+
+    image: torch.Tensor
+
+    def __getitem__(self, index) -> "TruthTarget":
+        return TruthTarget(self.image[index])
+
+
 class Trainer:
     """Runs layer-wise training; use :meth:`run_iter` for progress, :meth:`cancel` to stop early."""
 
     def __init__(self, observations, psf, config: TrainingConfig | None = None, device=None,
-                 n_channels: int = 18, validation_observations=None):
+                 n_channels: int = 18, validation_observations=None, truths=None, validation_truths=None):
         self.config = config or TrainingConfig.preset("quick")
         self.config.validate()
         self.device = resolve_device(device)
@@ -310,6 +366,12 @@ class Trainer:
         self.val_frames = (prepare_observations(validation_observations, self.psf.shape, n_channels, self.config)
                            if validation_observations is not None else self.frames)
         self.op = SPoDOperator(self.psf, n_channels, device=self.device, normalize_psf=False)
+        self.truths = self.val_truths = None
+        if self.config.truth_weight > 0:
+            self.truths = prepare_truths(observations, truths, self.psf.shape, self.config)
+            self.val_truths = (prepare_truths(validation_observations, validation_truths, self.psf.shape, self.config)
+                               if validation_observations is not None else self.truths)
+        self._loss_scale = None  # (objective, truth error) of the untrained network: the mixed loss's units
         self.flips = self.config.flips and _psf_is_mirror_symmetric(self.psf)
         self._cancel = False
         self.restores = 0  # end-to-end stage: times the best state was restored after a rise
@@ -351,11 +413,27 @@ class Trainer:
             total = sum(w * per_layer(x) for w, x in zip(weights, outputs))
             return total / sum(weights)
         x = net(y, n_layers=n_layers)
+        if isinstance(target, TruthTarget):
+            return self._mixed_loss(y, x, target.image)
         if target is None:
             objective = self.op.objective(y, x, self.config.lam)
             return objective.clamp_min(1e-30).log().mean() if self.config.log_loss and torch.is_grad_enabled() \
                 else objective.mean()
         return (x - target).pow(2).sum(dim=(-3, -2, -1)).mean() / x[0].numel()
+
+    def _truth_error(self, x: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        # Relative squared error in the observation's field of view (the grid's margin is unrecoverable).
+        a, b = self.psf.shape
+        H, W = x.shape[-2] - a + 1, x.shape[-1] - b + 1
+        fov = (..., slice((a - 1) // 2, (a - 1) // 2 + H), slice((b - 1) // 2, (b - 1) // 2 + W))
+        return (x[fov] - truth[fov]).pow(2).sum() / truth[fov].pow(2).sum().clamp_min(1e-30)
+
+    def _mixed_loss(self, y, x, truth) -> torch.Tensor:
+        objective, error = self.op.objective(y, x, self.config.lam).mean(), self._truth_error(x, truth)
+        if self._loss_scale is None:
+            self._loss_scale = (max(float(objective.detach()), 1e-30), max(float(error.detach()), 1e-30))
+        w = self.config.truth_weight
+        return (1 - w) * objective / self._loss_scale[0] + w * error / self._loss_scale[1]
 
     def _targets(self, y: torch.Tensor):
         if self.config.loss != "supervised":
@@ -407,14 +485,21 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         start = self._start = time.perf_counter()
 
-        def new_crops():
-            return torch.as_tensor(random_crops(self.frames, cfg.n_crops, cfg.crop_size, rng, self.flips),
-                                   device=self.device)
+        def crops(frames, truths, n, generator, flips):
+            if truths is None:
+                return torch.as_tensor(random_crops(frames, n, cfg.crop_size, generator, flips), device=self.device)
+            y, t = random_crops(frames, n, cfg.crop_size, generator, flips, images=truths)
+            return torch.as_tensor(y, device=self.device), TruthTarget(torch.as_tensor(t, device=self.device))
 
-        train = new_crops()
-        val = torch.as_tensor(random_crops(self.val_frames, cfg.n_val_crops, cfg.crop_size,
-                                           np.random.default_rng(cfg.seed + 1), False), device=self.device)
-        train_targets, val_targets = self._targets(train), self._targets(val)
+        def new_crops():
+            return crops(self.frames, self.truths, cfg.n_crops, rng, self.flips)
+
+        def targets_of(batch):
+            return (batch[1], batch[0]) if isinstance(batch, tuple) else (self._targets(batch), batch)
+
+        train_targets, train = targets_of(new_crops())
+        val_targets, val = targets_of(crops(self.val_frames, self.val_truths, cfg.n_val_crops,
+                                            np.random.default_rng(cfg.seed + 1), False))
         self._fista_history = self._fista_reference(val)
         net = self.net = self._new_network()
         steps_per_epoch = max(1, int(np.ceil(cfg.n_crops / cfg.batch_size)))
@@ -431,15 +516,14 @@ class Trainer:
             """Runs the epochs of one stage; yields progress, returns "cancelled" when asked to stop."""
             for epoch in range(1, n_epochs + 1):
                 if cfg.fresh_crops and state["done"] > 0:
-                    state["train"] = new_crops()
-                    state["targets"] = self._targets(state["train"])
+                    state["targets"], state["train"] = targets_of(new_crops())
                 order = torch.as_tensor(rng.permutation(cfg.n_crops), device=self.device)
                 losses = []
                 for s in range(steps_per_epoch):
                     if self._cancel:
                         return "cancelled"
                     idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-                    target = None if state["targets"] is None else state["targets"][idx]
+                    target = None if state["targets"] is None else state["targets"][idx]  # TruthTarget too
                     # (subclasses in benchmarks/paper_experiments.py override _loss without ``deep``)
                     loss = (self._loss(net, state["train"][idx], target, n_layers, deep) if deep
                             else self._loss(net, state["train"][idx], target, n_layers))
