@@ -1,6 +1,10 @@
 """SPoD-Net against FISTA at equal objective, on data the networks never saw (issue 10).
 
     python benchmarks/spodnet_vs_fista.py [--quick] [--out out/benchmarks] [--size 128]
+    python benchmarks/spodnet_vs_fista.py --checkpoints A.safetensors B.safetensors [--threads 1]
+
+The second form judges the given checkpoints (trained with the default PSF, e.g. by
+``scripts/train_default_model.py``) beside the shipped default on the default PSF, and trains nothing.
 
 For each PSF (the default Airy PSF and a Gaussian one), each structure family (held-out
 ``simulate`` seeds plus the families of ``core.families``, never used in training) and each

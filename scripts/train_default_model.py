@@ -10,6 +10,11 @@ all layers trained together on the objective, fresh crops every epoch. Synthetic
 default (Airy) PSF, at 50, 200 and 1000 photons in turn. Validation: seeds 90-92. The held-out
 check (seed 7, 256 x 256, each photon count) is printed at the end; the full comparison on held-out
 structure families is ``benchmarks/spodnet_vs_fista.py``.
+
+Variants for experiments (docs/results.md, section 0, "Session 15"): ``--data varied`` draws filament
+and punctum densities (1-8 and 4-250 per 128 x 128) and photons (30-2000) per observation;
+``--truth-weight W`` mixes the error against the simulated ground truth into the loss;
+``--layers``, ``--epochs`` and ``--log-loss`` override the preset. None of them beat the shipped recipe.
 """
 
 from __future__ import annotations

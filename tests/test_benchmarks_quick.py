@@ -105,3 +105,22 @@ def test_spodnet_vs_fista_quick(tmp_path):
             assert row["fista_equivalent"] is None or row["fista_equivalent"] >= 1
             assert np.isfinite(row["psnr_minus_fista_best"]) and row["seconds_1t"] > 0
     assert (tmp_path / "spodnet_vs_fista.md").read_text().count("|") > 20
+
+
+def test_spodnet_vs_fista_judges_given_checkpoints(tmp_path):
+    """--checkpoints: the given checkpoints and the shipped default are judged, nothing is trained."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "spodnet_vs_fista.py"
+    spec = importlib.util.spec_from_file_location("spodnet_vs_fista", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    other = Path(__file__).resolve().parent / "data" / "default_model_v1.safetensors"
+    result = module.main(["--quick", "--out", str(tmp_path), "--checkpoints", str(other)])
+    labels = sorted(result["variants"])  # "<checkpoint stem> (<n> layers) [<PSF>]"
+    assert len(labels) == 2 and labels[0].startswith("default (10 layers)") \
+        and labels[1].startswith("default_model_v1 (10 layers)")
+    assert {case["psf"] for case in result["cases"]} == {"default Airy"}
+    for case in result["cases"]:
+        assert len(case["networks"]) == 2
+        for row in case["networks"].values():
+            assert row["fista_equivalent"] is None or row["fista_equivalent"] >= 1  # None: beyond --fista-iterations
+            assert np.isfinite(row["psnr_minus_fista_best"]) and row["seconds_1t"] > 0
