@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src" / "napari_spodnet" / "models" / "default.safetensors"
 PREVIOUS = ROOT / "tests" / "data" / "default_model_v0.safetensors"
 SESSION12 = ROOT / "tests" / "data" / "default_model_v1.safetensors"
+SESSION13 = ROOT / "tests" / "data" / "default_model_v2.safetensors"
 PHOTONS = (50.0, 200.0, 1000.0)
 PSNR_ITERATIONS = (10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 1200)
 
@@ -124,7 +125,8 @@ def run(args) -> dict:
         elif psf_name == "default Airy":
             for label, path in (("first shipped model (tied, layer-wise, multipliers)", PREVIOUS),
                                 ("session-12 model (log schedule, untied, no preconditioner)", SESSION12),
-                                ("shipped default (standard: preconditioned, log schedule, end-to-end)", SHIPPED)):
+                                ("session-13 model (standard recipe, 150 epochs)", SESSION13),
+                                ("shipped default (standard: preconditioned, log schedule, end-to-end, 300 epochs)", SHIPPED)):
                 if path.is_file():
                     net = load_checkpoint(path)
                     variants[label] = (net, float(net.metadata.get("training", {}).get("seconds", float("nan"))))

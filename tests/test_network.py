@@ -545,6 +545,23 @@ def test_shipped_model_of_session_12_still_loads():
     assert x.shape == (C, 71, 71) and torch.isfinite(x).all()
 
 
+def test_shipped_model_of_session_13_still_loads():
+    """The default model shipped before the 300-epoch schedule; same recipe, so it recovers like the new one."""
+    from pathlib import Path
+
+    from napari_spodnet.core.checkpoint import load_checkpoint
+    from napari_spodnet.core.recover import DEFAULT_MODEL_PATH
+
+    old = load_checkpoint(Path(__file__).parent / "data" / "default_model_v2.safetensors")
+    new = load_checkpoint(DEFAULT_MODEL_PATH)
+    assert old.preconditioned and old.metadata["training"]["config"]["epochs"] == 150
+    assert new.metadata["training"]["config"]["epochs"] == 300
+    y = torch.rand(C, 40, 40, generator=torch.Generator().manual_seed(0))
+    x_old, x_new = old.recover(y), new.recover(y)
+    assert x_old.shape == x_new.shape == (C, 71, 71) and torch.isfinite(x_old).all()
+    assert not torch.equal(x_old, x_new)
+
+
 @pytest.mark.parametrize("options", [dict(), dict(untied=True), dict(preconditioned=True), dict(n_harmonics=2)],
                          ids=["tied", "untied", "preconditioned", "two-harmonics"])
 def test_low_rank_inference_equals_the_autograd_path(options):
