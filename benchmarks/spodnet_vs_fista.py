@@ -109,10 +109,10 @@ def run(args) -> dict:
     train_obs, train_size = (3, 32) if quick else (9, 128)
     torch.set_num_threads(1)
 
+    checkpoints = getattr(args, "checkpoints", None) or []
     results = {"settings": dict(size=size, families=families, photons=photons, threads=threads,
                                 fista_iterations=n_iter, lam=DEFAULT_LAMBDA, quick=quick,
-                                checkpoints=[str(p) for p in getattr(args, "checkpoints", None) or []]), "variants": {}, "cases": []}
-    checkpoints = getattr(args, "checkpoints", None)
+                                checkpoints=[str(p) for p in checkpoints]), "variants": {}, "cases": []}
     if checkpoints:  # checkpoints are tied to the PSF they were trained with: the default one
         psfs = {"default Airy": default_psf()}
     for psf_name, psf in psfs.items():

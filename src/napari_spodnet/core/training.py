@@ -486,20 +486,19 @@ class Trainer:
         start = self._start = time.perf_counter()
 
         def crops(frames, truths, n, generator, flips):
+            """(crops, targets): targets are truth crops, FISTA solutions (supervised) or None."""
             if truths is None:
-                return torch.as_tensor(random_crops(frames, n, cfg.crop_size, generator, flips), device=self.device)
+                y = torch.as_tensor(random_crops(frames, n, cfg.crop_size, generator, flips), device=self.device)
+                return y, self._targets(y)
             y, t = random_crops(frames, n, cfg.crop_size, generator, flips, images=truths)
             return torch.as_tensor(y, device=self.device), TruthTarget(torch.as_tensor(t, device=self.device))
 
         def new_crops():
             return crops(self.frames, self.truths, cfg.n_crops, rng, self.flips)
 
-        def targets_of(batch):
-            return (batch[1], batch[0]) if isinstance(batch, tuple) else (self._targets(batch), batch)
-
-        train_targets, train = targets_of(new_crops())
-        val_targets, val = targets_of(crops(self.val_frames, self.val_truths, cfg.n_val_crops,
-                                            np.random.default_rng(cfg.seed + 1), False))
+        train, train_targets = new_crops()
+        val, val_targets = crops(self.val_frames, self.val_truths, cfg.n_val_crops,
+                                 np.random.default_rng(cfg.seed + 1), False)
         self._fista_history = self._fista_reference(val)
         net = self.net = self._new_network()
         steps_per_epoch = max(1, int(np.ceil(cfg.n_crops / cfg.batch_size)))
@@ -516,7 +515,7 @@ class Trainer:
             """Runs the epochs of one stage; yields progress, returns "cancelled" when asked to stop."""
             for epoch in range(1, n_epochs + 1):
                 if cfg.fresh_crops and state["done"] > 0:
-                    state["targets"], state["train"] = targets_of(new_crops())
+                    state["train"], state["targets"] = new_crops()
                 order = torch.as_tensor(rng.permutation(cfg.n_crops), device=self.device)
                 losses = []
                 for s in range(steps_per_epoch):
