@@ -68,6 +68,8 @@ def main(argv=None) -> None:
                         help="train on the mean log objective (weighs bright and dim crops alike)")
     parser.add_argument("--truth-weight", type=float, default=0.0,
                         help="weight of the ground-truth error in the loss (0: the objective alone)")
+    parser.add_argument("--intensity-jitter", type=float, default=0.0,
+                        help="scale training crops by exp(U(-j, j)) (TrainingConfig.intensity_jitter)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -77,6 +79,8 @@ def main(argv=None) -> None:
     overrides = {k: v for k, v in (("n_layers", args.layers), ("epochs", args.epochs)) if v is not None}
     if args.log_loss:
         overrides["log_loss"] = True
+    if args.intensity_jitter:
+        overrides["intensity_jitter"] = args.intensity_jitter
     if args.truth_weight:
         overrides["truth_weight"] = args.truth_weight
     config = TrainingConfig.preset(args.preset, **overrides)

@@ -91,6 +91,24 @@ def test_add_lazy_recovery_to_a_viewer(make_napari_viewer, sim, reference):
     assert any(key[1] == 2 for key in SESSION_CACHE._frames)
 
 
+def test_lazy_layer_steps_add_one_layer_each(make_napari_viewer, sim):
+    # The Recover widget runs these one per event-loop turn (StepChain): each adds exactly one layer.
+    from napari_spodnet.widgets.lazy_series import lazy_layer_steps
+
+    viewer = make_napari_viewer()
+    obs = viewer.add_image(sim.observation, name="obs")
+    added = []
+    steps = lazy_layer_steps(viewer, obs, outputs=("image", "intensity", "composite"), added=added)
+    assert len(steps) == 3 and len(viewer.layers) == 1 and added == []
+    for n, step in enumerate(steps, start=1):
+        step()
+        assert len(viewer.layers) == 1 + n and len(added) == n
+    assert [layer.name for layer in added] == ["obs image (lazy)", "obs intensity (lazy)", "obs composite (lazy)"]
+    assert added[2].rgb and not added[0].visible and added[1].visible
+    with pytest.raises(KeyError, match="colour"):
+        lazy_layer_steps(viewer, obs, outputs=("colour",))
+
+
 def test_fill_keeps_every_frames_maps_and_reports_progress(sim, reference):
     from napari_spodnet.core.recover import RecoveryCancelled
 

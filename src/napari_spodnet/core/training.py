@@ -73,6 +73,9 @@ class TrainingConfig:
     filter_lr: float | None = None       # rate of the filters in the end-to-end stage (None: lr); 0 freezes them
     deep_supervision: float = 0.0        # end-to-end: weight decay of earlier layers' objectives (0: last only)
     fresh_crops: bool = False            # new random training crops every epoch
+    #: Training crops are scaled by exp(u), u uniform in [-j, j] (0: off), so that the learned schedule does
+    #: not depend on the intensity scale the normalisation happens to give the training data.
+    intensity_jitter: float = 0.0
     log_loss: bool = False               # unsupervised: mean log objective (weighs crops of any noise level alike)
     equivalent_iterations: int = 300     # FISTA iterations run on the validation crops ("worth N FISTA it.")
     lr: float = 1e-4
@@ -105,7 +108,7 @@ class TrainingConfig:
 
     def validate(self) -> None:
         numbers = ("lam", "alpha", "lr", "scalar_lr", "filter_lr", "step2_new", "step2_old", "gamma",
-                   "deep_supervision", "truth_weight")
+                   "deep_supervision", "truth_weight", "intensity_jitter")
         for name in numbers:
             value = getattr(self, name)
             if value is None and name in ("scalar_lr", "filter_lr"):
@@ -151,6 +154,9 @@ class TrainingConfig:
             (self.loss in ("unsupervised", "supervised"), f"loss {self.loss!r}"),
             (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
             (0 <= self.truth_weight < 1, "truth_weight must be in [0, 1)"),
+            (0 <= self.intensity_jitter <= 3, "intensity_jitter must be in [0, 3]"),
+            (self.intensity_jitter == 0 or (self.truth_weight == 0 and self.loss == "unsupervised"),
+             "intensity_jitter needs the unsupervised loss without truth_weight"),
             (self.truth_weight == 0 or (self.loss == "unsupervised" and self.schedule == "end-to-end"
                                         and self.deep_supervision == 0 and not self.preprocess),
              "truth_weight needs the unsupervised end-to-end schedule without deep supervision or preprocessing"),
@@ -494,7 +500,11 @@ class Trainer:
             return torch.as_tensor(y, device=self.device), TruthTarget(torch.as_tensor(t, device=self.device))
 
         def new_crops():
-            return crops(self.frames, self.truths, cfg.n_crops, rng, self.flips)
+            y, targets = crops(self.frames, self.truths, cfg.n_crops, rng, self.flips)
+            if cfg.intensity_jitter > 0:
+                gains = np.exp(rng.uniform(-cfg.intensity_jitter, cfg.intensity_jitter, size=len(y)))
+                y = y * torch.as_tensor(gains, dtype=y.dtype, device=y.device)[:, None, None, None]
+            return y, targets
 
         train, train_targets = new_crops()
         val, val_targets = crops(self.val_frames, self.val_truths, cfg.n_val_crops,

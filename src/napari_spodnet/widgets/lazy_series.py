@@ -48,16 +48,33 @@ def add_lazy_recovery(viewer, layer, model=None, psf=None, lam=None, outputs=("i
     the frame on screen only (napari would otherwise recover frames to guess them).
     Returns the layers in the order of ``outputs``.
     """
+    added: list = []
+    for step in lazy_layer_steps(viewer, layer, model, psf, lam, outputs, device, contrast_limits, series=series,
+                                 names=names, info=info, added=added):
+        step()
+    return added
+
+
+def lazy_layer_steps(viewer, layer, model=None, psf=None, lam=None, outputs=("intensity",), device=None,
+                     contrast_limits=None, *, series: LazyRecovery | None = None, names: dict | None = None,
+                     info: dict | None = None, added: list | None = None) -> list:
+    """:func:`add_lazy_recovery` as a list of steps, one napari ``add_image`` each (for
+    :class:`._jobs.StepChain`: adding a layer costs 150-400 ms of GUI time, so the window answers
+    between two). Each step appends its layer to ``added`` in the order of ``outputs``."""
     source = _as_layer(layer)
     if series is None:
         series = lazy_series(source.data, psf, "spodnet", model=model, lam=lam, device=device, cache=SESSION_CACHE)
+    added = [] if added is None else added
     t = current_frame(viewer, source) if hasattr(layer, "unique_id") else 0
     stack_place = registered_placement(source, series.engine.translate)
     plane_place = series_plane_placement(source, series.engine.translate)
     labels = tuple(getattr(source, "axis_labels", ("t", "c", "y", "x")))
     meta = {**(info or {}), "lazy": True, "token": series.token}
-    added = []
     for kind in outputs:
+        if kind not in LAYER_KINDS:
+            raise KeyError(f"{kind!r}: choose from {', '.join(LAYER_KINDS)}")
+
+    def add_one(kind):
         name = (names or {}).get(kind, f"{source.name} {kind} (lazy)")
         kwargs: dict = {}
         if kind == "image":
@@ -70,12 +87,10 @@ def add_lazy_recovery(viewer, layer, model=None, psf=None, lam=None, outputs=("i
         elif kind == "orientation":
             data, place = series.orientation[:, None], plane_place
             kwargs.update(colormap="hsv", contrast_limits=(0.0, 3.1416), axis_labels=labels)
-        elif kind == "intensity":
+        else:  # intensity
             data, place = series.intensity[:, None], plane_place
             kwargs.update(colormap="gray", axis_labels=labels,
                           contrast_limits=contrast_limits or display_range(series.frame_map("intensity", t)))
-        else:
-            raise KeyError(f"{kind!r}: choose from {', '.join(LAYER_KINDS)}")
         # added hidden, then shown: a new layer is sliced at t = 0 while it is built (napari), which
         # would recover frame 0 whatever the slider shows
         shown = kwargs.pop("visible", True)
@@ -83,4 +98,5 @@ def add_lazy_recovery(viewer, layer, model=None, psf=None, lam=None, outputs=("i
                                   **kwargs, **place)
         new.visible = shown
         added.append(new)
-    return added
+
+    return [lambda kind=kind: add_one(kind) for kind in outputs]

@@ -54,7 +54,7 @@ from ._layers import (
 from ._legend import wheel_pixmap
 from ._notify import error_message, notify_info
 from ._pickers import DevicePicker, LayerPicker, ModelSourcePicker
-from .lazy_series import SESSION_CACHE, add_lazy_recovery
+from .lazy_series import SESSION_CACHE, lazy_layer_steps
 
 #: Series with more frames than this are recovered lazily unless the user says otherwise
 #: (recovering 8 frames of 512 x 512 eagerly takes ~4 s and holds ~170 MB of results).
@@ -453,6 +453,7 @@ class RecoverWidget(JobWidget):
                 self.result_label.setText(text)
                 self.progress.set_fraction(1)
                 self.progress.set_text("Done.")
+                self._update_series_buttons()
 
             self._presenting = StepChain(self, self.job_title, steps, on_done=presented).start()
 
@@ -488,22 +489,33 @@ class RecoverWidget(JobWidget):
             label = "SPoD-Net"
             names = {"image": f"{layer.name} {label}", "intensity": f"{layer.name} {label} intensity",
                      "composite": f"{layer.name} {label} orientation"}
-            stack, intensity, orientation = add_lazy_recovery(
-                self.viewer, layer, series=series, outputs=("image", "intensity", "composite"), names=names,
-                info=info)
-            intensity.visible = False
-            show_scale_bar_if_physical(self.viewer, layer)
-            if self.lazy is not None and self.lazy.token != series.token:
-                self.lazy.invalidate()  # frames of the previous model / settings are never shown again
-            self.lazy, self._lazy_source, self._lazy_model = series, layer, model
-            self.last_result = None
-            self.result_layers = {"recovered": stack, "intensity": intensity, "orientation": orientation}
-            self.result_label.setText(
-                f"Lazy series of {n_frames} frames with {model_text}: each frame is recovered when the t slider "
-                f"shows it (frame {frame + 1}: {first_seconds:.2f} s on {engine.info.get('device')}). "
-                "Recover all fills the rest; Save to… writes the series to disk.")
-            self.progress.set_fraction(1)
-            self.progress.set_text("Lazy layers ready.")
+            added: list = []
+            # One napari add_image per event-loop turn (150-400 ms each): the window stays live.
+            steps = lazy_layer_steps(self.viewer, layer, series=series, outputs=("image", "intensity", "composite"),
+                                     names=names, info=info, added=added)
+
+            def presented():
+                if len(added) < 3:  # a step failed (reported by the chain)
+                    self.progress.set_text("Lazy layers could not be added.")
+                    self._update_series_buttons()
+                    return
+                stack, intensity, orientation = added
+                intensity.visible = False
+                show_scale_bar_if_physical(self.viewer, layer)
+                if self.lazy is not None and self.lazy.token != series.token:
+                    self.lazy.invalidate()  # frames of the previous model / settings are never shown again
+                self.lazy, self._lazy_source, self._lazy_model = series, layer, model
+                self.last_result = None
+                self.result_layers = {"recovered": stack, "intensity": intensity, "orientation": orientation}
+                self.result_label.setText(
+                    f"Lazy series of {n_frames} frames with {model_text}: each frame is recovered when the t "
+                    f"slider shows it (frame {frame + 1}: {first_seconds:.2f} s on {engine.info.get('device')}). "
+                    "Recover all fills the rest; Save to… writes the series to disk.")
+                self.progress.set_fraction(1)
+                self.progress.set_text("Lazy layers ready.")
+                self._update_series_buttons()  # the chain has ended: Recover all / Save to… apply to these
+
+            self._presenting = StepChain(self, "Lazy recovery", steps, on_done=presented).start()
 
         self._job = Job(self, title="Lazy recovery", on_progress=self._on_progress, on_result=on_result,
                         on_cancelled=self._on_cancelled, on_error=self._on_error, on_finished=self._on_finished)
