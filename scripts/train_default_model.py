@@ -28,6 +28,7 @@ import torch
 
 from napari_spodnet.core.checkpoint import save_checkpoint
 from napari_spodnet.core.compare import compare_at_equal_objective
+from napari_spodnet.core.families import simulate_family
 from napari_spodnet.core.physics import SPoDOperator
 from napari_spodnet.core.preprocess import fit_normalization
 from napari_spodnet.core.simulate import default_psf, simulate
@@ -40,8 +41,10 @@ PHOTONS = (50.0, 200.0, 1000.0)
 
 def training_observation(kind: str, size: int, psf, index: int):
     """Training observation ``index`` (seed 100 + index): a SimulatedObservation, (18, size, size) counts."""
-    if kind == "simulate":
+    if kind == "simulate" or (kind == "with-clusters" and index % 4 != 3):
         return simulate((size, size), psf=psf, seed=100 + index, photons=PHOTONS[index % 3])
+    if kind == "with-clusters":  # every fourth observation: dense puncta clusters (core.families)
+        return simulate_family("clusters", (size, size), psf=psf, seed=100 + index, photons=PHOTONS[index % 3])
     # "varied": densities and photons log-uniform, drawn from their own seed so observation i is reproducible
     rng = np.random.default_rng(5000 + index)
     area = size * size / (128 * 128)
@@ -62,12 +65,15 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--layers", type=int, default=None, help="layers (default: the preset's)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
-    parser.add_argument("--data", choices=("simulate", "varied"), default="simulate",
-                        help="training data: simulate's defaults, or densities and photons drawn per observation")
+    parser.add_argument("--data", choices=("simulate", "varied", "with-clusters"), default="simulate",
+                        help="training data: simulate's defaults, densities and photons drawn per observation, or "
+                             "simulate with every fourth observation from the clusters family")
     parser.add_argument("--log-loss", action="store_true",
                         help="train on the mean log objective (weighs bright and dim crops alike)")
     parser.add_argument("--truth-weight", type=float, default=0.0,
                         help="weight of the ground-truth error in the loss (0: the objective alone)")
+    parser.add_argument("--objective-power", type=float, default=1.0,
+                        help="train on the mean objective ** p (TrainingConfig.objective_power; 1: the mean)")
     parser.add_argument("--intensity-jitter", type=float, default=0.0,
                         help="scale training crops by exp(U(-j, j)) (TrainingConfig.intensity_jitter)")
     args = parser.parse_args(argv)
@@ -79,6 +85,8 @@ def main(argv=None) -> None:
     overrides = {k: v for k, v in (("n_layers", args.layers), ("epochs", args.epochs)) if v is not None}
     if args.log_loss:
         overrides["log_loss"] = True
+    if args.objective_power != 1:
+        overrides["objective_power"] = args.objective_power
     if args.intensity_jitter:
         overrides["intensity_jitter"] = args.intensity_jitter
     if args.truth_weight:

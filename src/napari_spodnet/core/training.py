@@ -77,6 +77,9 @@ class TrainingConfig:
     #: not depend on the intensity scale the normalisation happens to give the training data.
     intensity_jitter: float = 0.0
     log_loss: bool = False               # unsupervised: mean log objective (weighs crops of any noise level alike)
+    #: Unsupervised: mean of objective ** p per crop. A crop's gradient is weighed by its objective ** (p - 1):
+    #: p = 1 lets the noisiest crops (largest objective) dominate, p -> 0 is ``log_loss``.
+    objective_power: float = 1.0
     equivalent_iterations: int = 300     # FISTA iterations run on the validation crops ("worth N FISTA it.")
     lr: float = 1e-4
     epochs: int = 500                    # per step; an epoch is n_crops / batch_size Adam steps
@@ -108,7 +111,7 @@ class TrainingConfig:
 
     def validate(self) -> None:
         numbers = ("lam", "alpha", "lr", "scalar_lr", "filter_lr", "step2_new", "step2_old", "gamma",
-                   "deep_supervision", "truth_weight", "intensity_jitter")
+                   "deep_supervision", "truth_weight", "intensity_jitter", "objective_power")
         for name in numbers:
             value = getattr(self, name)
             if value is None and name in ("scalar_lr", "filter_lr"):
@@ -155,6 +158,8 @@ class TrainingConfig:
             (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
             (0 <= self.truth_weight < 1, "truth_weight must be in [0, 1)"),
             (0 <= self.intensity_jitter <= 3, "intensity_jitter must be in [0, 3]"),
+            (0 < self.objective_power <= 1, "objective_power must be in (0, 1]"),
+            (self.objective_power == 1 or not self.log_loss, "choose log_loss or objective_power, not both"),
             (self.intensity_jitter == 0 or (self.truth_weight == 0 and self.loss == "unsupervised"),
              "intensity_jitter needs the unsupervised loss without truth_weight"),
             (self.truth_weight == 0 or (self.loss == "unsupervised" and self.schedule == "end-to-end"
@@ -415,7 +420,7 @@ class Trainer:
             weights = [deep ** (len(outputs) - 1 - i) for i in range(len(outputs))]
             def per_layer(x):
                 objective = self.op.objective(y, x, self.config.lam)
-                return objective.clamp_min(1e-30).log().mean() if self.config.log_loss else objective.mean()
+                return self._reduce(objective)
             total = sum(w * per_layer(x) for w, x in zip(weights, outputs))
             return total / sum(weights)
         x = net(y, n_layers=n_layers)
@@ -423,9 +428,17 @@ class Trainer:
             return self._mixed_loss(y, x, target.image)
         if target is None:
             objective = self.op.objective(y, x, self.config.lam)
-            return objective.clamp_min(1e-30).log().mean() if self.config.log_loss and torch.is_grad_enabled() \
-                else objective.mean()
+            # validation (no autograd) always reports the plain mean objective
+            return self._reduce(objective) if torch.is_grad_enabled() else objective.mean()
         return (x - target).pow(2).sum(dim=(-3, -2, -1)).mean() / x[0].numel()
+
+    def _reduce(self, objective: torch.Tensor) -> torch.Tensor:
+        """The training loss of per-crop objectives (batch,): mean, mean log or mean power."""
+        if self.config.log_loss:
+            return objective.clamp_min(1e-30).log().mean()
+        if self.config.objective_power != 1:
+            return objective.clamp_min(1e-30).pow(self.config.objective_power).mean()
+        return objective.mean()
 
     def _truth_error(self, x: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
         # Relative squared error in the observation's field of view (the grid's margin is unrecoverable).

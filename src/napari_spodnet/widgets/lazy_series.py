@@ -99,4 +99,10 @@ def lazy_layer_steps(viewer, layer, model=None, psf=None, lam=None, outputs=("in
         new.visible = shown
         added.append(new)
 
-    return [lambda kind=kind: add_one(kind) for kind in outputs]
+    def step_for(kind):
+        def step():
+            add_one(kind)
+        step.__name__ = f"add_{kind}"  # names the step in profiles (scripts/gui_walkthrough.py)
+        return step
+
+    return [step_for(kind) for kind in outputs]
