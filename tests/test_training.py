@@ -499,3 +499,50 @@ def test_truth_weight_needs_truths(observations, psf):
     for bad in (dict(truth_weight=1.0), dict(truth_weight=-0.1), dict(truth_weight=0.5, schedule="layerwise")):
         with pytest.raises(SPoDInputError):
             TrainingConfig.preset("quick", **{**E2E_TINY, **bad}).validate()
+
+
+# -- loss weighting across crops and intensity jitter -------------------------------------------------
+
+def test_objective_power_weighs_crops_by_their_objective(observations, psf):
+    objective = torch.tensor([1e-4, 4e-3], dtype=torch.float64)
+    def loss(**kw):
+        return Trainer(observations, psf, TrainingConfig.preset("quick", **{**E2E_TINY, **kw}), device="cpu")._reduce(
+            objective)
+    assert float(loss()) == pytest.approx(float(objective.mean()))
+    assert float(loss(objective_power=0.5)) == pytest.approx(float(objective.sqrt().mean()))
+    assert float(loss(log_loss=True)) == pytest.approx(float(objective.log().mean()))
+    for bad in (dict(objective_power=0.0), dict(objective_power=1.5), dict(objective_power=0.5, log_loss=True)):
+        with pytest.raises(SPoDInputError):
+            TrainingConfig.preset("quick", **{**E2E_TINY, **bad}).validate()
+    net, history = train_spodnet(observations, psf, preset="quick", device="cpu",
+                                 **{**E2E_TINY, "objective_power": 0.5})
+    assert history[-1].stage == "done" and np.isfinite(history[-1].val_loss)
+
+
+def test_intensity_jitter_scales_training_crops_only(observations, psf, monkeypatch):
+    import napari_spodnet.core.training as training
+
+    # crops of ones: a training crop's peak is then exactly its gain
+    monkeypatch.setattr(training, "random_crops",
+                        lambda frames, n, size, rng, flips=True: np.ones((n, C, size, size), np.float32))
+    seen = []
+    original = Trainer._loss
+
+    def spy(self, net, y, *args, **kwargs):
+        seen.append((torch.is_grad_enabled(), y.amax(dim=(-3, -2, -1)).tolist()))
+        return original(self, net, y, *args, **kwargs)
+
+    monkeypatch.setattr(training.Trainer, "_loss", spy)
+    for jitter in (0.0, 1.0):
+        seen.clear()
+        train_spodnet(observations, psf, preset="quick", device="cpu", **{**E2E_TINY, "intensity_jitter": jitter})
+        train_peaks = np.array([p for grad, peaks in seen if grad for p in peaks])
+        val_peaks = np.array([p for grad, peaks in seen if not grad for p in peaks])
+        np.testing.assert_allclose(val_peaks, 1.0)  # validation crops are never scaled
+        if jitter == 0:
+            np.testing.assert_allclose(train_peaks, 1.0)
+        else:
+            assert train_peaks.min() >= np.exp(-1) - 1e-6 and train_peaks.max() <= np.exp(1) + 1e-6
+            assert train_peaks.std() > 0.2  # gains drawn per crop
+    with pytest.raises(SPoDInputError):
+        TrainingConfig.preset("quick", intensity_jitter=-1.0).validate()
