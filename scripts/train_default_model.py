@@ -72,6 +72,9 @@ def main(argv=None) -> None:
                         help="train on the mean log objective (weighs bright and dim crops alike)")
     parser.add_argument("--truth-weight", type=float, default=0.0,
                         help="weight of the ground-truth error in the loss (0: the objective alone)")
+    parser.add_argument("--seed", type=int, default=None, help="training seed (crops, order; default: the preset's)")
+    parser.add_argument("--noise-adaptive", action="store_true",
+                        help="schedule linear in the measured noise level (TrainingConfig.noise_adaptive)")
     parser.add_argument("--objective-power", type=float, default=1.0,
                         help="train on the mean objective ** p (TrainingConfig.objective_power; 1: the mean)")
     parser.add_argument("--intensity-jitter", type=float, default=0.0,
@@ -85,6 +88,10 @@ def main(argv=None) -> None:
     overrides = {k: v for k, v in (("n_layers", args.layers), ("epochs", args.epochs)) if v is not None}
     if args.log_loss:
         overrides["log_loss"] = True
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.noise_adaptive:
+        overrides["noise_adaptive"] = True
     if args.objective_power != 1:
         overrides["objective_power"] = args.objective_power
     if args.intensity_jitter:

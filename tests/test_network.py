@@ -578,3 +578,59 @@ def test_low_rank_inference_equals_the_autograd_path(options):
     with torch.enable_grad():
         reference = net(y).detach()
     assert torch.allclose(fused, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
+
+
+# -- noise-adaptive schedule -------------------------------------------------------------------------
+
+def test_noise_feature_measures_the_noise_not_the_structure():
+    from napari_spodnet.core.families import simulate_family
+    from napari_spodnet.core.network import NOISE_FEATURE_BOUND, noise_feature
+    from napari_spodnet.core.preprocess import fit_normalization
+
+    psf = gaussian_psf(9, 1.5)
+    def phi(sim):
+        y = torch.as_tensor(fit_normalization(sim.observation).apply(sim.observation))
+        return float(noise_feature(y))
+    for photons in (50.0, 1000.0):
+        a = phi(simulate((64, 64), psf=psf, seed=2, photons=photons))
+        b = phi(simulate_family("membranes", (64, 64), psf=psf, seed=2, photons=photons))
+        assert abs(a - b) < 0.5  # the structure changes it little ...
+    # ... the photon count a lot (noise ~ 1 / photons in normalised units)
+    assert phi(simulate((64, 64), psf=psf, seed=2, photons=50.0)) - phi(
+        simulate((64, 64), psf=psf, seed=2, photons=1000.0)) > 2.0
+    assert noise_feature(torch.rand(2, C, 16, 16)).shape == (2, 1, 1, 1)
+    assert float(noise_feature(torch.zeros(C, 16, 16))) == -NOISE_FEATURE_BOUND  # clamped, finite
+
+
+def test_noise_adaptive_schedule_per_observation():
+    net = SPoDNet(gaussian_psf(9, 1.5), C, n_layers=4, momentum=True, parameterization="log", preconditioned=True,
+                  noise_adaptive=True)
+    plain = SPoDNet(gaussian_psf(9, 1.5), C, n_layers=4, momentum=True, parameterization="log", preconditioned=True)
+    gen = torch.Generator().manual_seed(0)
+    y = torch.stack([torch.rand(C, 20, 24, generator=gen), 0.2 * torch.rand(C, 20, 24, generator=gen)])
+    assert torch.equal(net.recover(y), plain.recover(y))  # slopes start at 0: the plain schedule
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.eta_slope.fill_(0.3), layer.theta_slope.fill_(-0.6), layer.mu_slope.fill_(0.2)
+    batched = net.recover(y)
+    assert not torch.allclose(batched, plain.recover(y))
+    one_by_one = torch.stack([net.recover(v) for v in y])
+    assert torch.allclose(batched, one_by_one, atol=1e-6)  # each observation its own schedule
+    with torch.enable_grad():
+        reference = net(y)
+        reference.sum().backward()
+    assert torch.allclose(batched, reference.detach(), rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
+    assert all(float(layer.theta_slope.grad.abs()) > 0 for layer in net.layers[1:])
+
+
+def test_noise_adaptive_network_round_trips_through_a_checkpoint(tmp_path):
+    from napari_spodnet.core.checkpoint import load_checkpoint, save_checkpoint
+
+    net = SPoDNet(gaussian_psf(7, 1.2), C, n_layers=3, momentum=True, parameterization="log", noise_adaptive=True)
+    with torch.no_grad():
+        net.layers[1].theta_slope.fill_(0.7)
+    assert net.config()["noise_adaptive"] is True
+    assert "noise_adaptive" not in SPoDNet(gaussian_psf(7, 1.2), C, n_layers=1).config()  # older headers unchanged
+    loaded = load_checkpoint(save_checkpoint(net, tmp_path / "m.safetensors"))
+    y = torch.rand(C, 10, 10)
+    assert loaded.noise_adaptive and torch.allclose(loaded.recover(y), net.recover(y), atol=1e-6)

@@ -156,7 +156,7 @@ def _validate_config(config: dict, metadata: dict, path: Path) -> None:
             raise CheckpointError(f"{path.name}: damaged checkpoint header: {key} = {config[key]!r}.")
     if "n_harmonics" in config:
         _number(config, "n_harmonics", path, integer=True, low=0, high=max(0, (c - 1) // 2))
-    for key in ("momentum", "untied", "preconditioned"):
+    for key in ("momentum", "untied", "preconditioned", "noise_adaptive"):
         if key in config and not isinstance(config[key], bool):
             raise CheckpointError(f"{path.name}: damaged checkpoint header: {key} = {config[key]!r}.")
     if "parameterization" in config and config["parameterization"] not in PARAMETERIZATIONS:
@@ -167,7 +167,8 @@ def _validate_config(config: dict, metadata: dict, path: Path) -> None:
         raise CheckpointError(f"{path.name}: damaged checkpoint header: a preconditioned network must be a "
                               "harmonic SPoD-Net.")
     known = {"architecture", "n_channels", "n_layers", "lam", "alpha", "lipschitz", "psf_shape", "threshold",
-             "orientation", "n_harmonics", "momentum", "untied", "preconditioned", "parameterization"}
+             "orientation", "n_harmonics", "momentum", "untied", "preconditioned", "parameterization",
+             "noise_adaptive"}
     for key, value in config.items():
         if key not in known:  # parameters added by newer code: sane numbers only
             _check_unknown(value, f"{path.name}: damaged checkpoint header: {key}")

@@ -41,12 +41,32 @@ ORIENTATIONS = ("harmonic", "full")
 PARAMETERIZATIONS = ("multiplier", "log")
 #: Per-layer scalars (the schedule), as opposed to filters: step, threshold, momentum and the
 #: preconditioner's regularisation.
-SCALAR_NAMES = ("eta", "theta", "mu", "log_delta", "log_shape")
+SCALAR_NAMES = ("eta", "theta", "mu", "log_delta", "log_shape", "eta_slope", "theta_slope", "mu_slope")
 #: Knots of the preconditioner's learned radial correction (spatial frequency 0 .. Nyquist).
 PRECONDITIONER_KNOTS = 6
 #: Initial regularisation of the preconditioner (relative to the PSF's squared DC gain): the best
 #: constant value in a grid over 1e-2 .. 3 on held-out simulate data (docs/results.md).
 PRECONDITIONER_DELTA = 0.1
+#: Noise-adaptive schedule: the reference noise level (normalised units; about 200 photons in the
+#: brightest pixel of ``simulate``) and the range of the noise feature ``log(sigma / reference)``.
+NOISE_REFERENCE = 0.025
+NOISE_FEATURE_BOUND = 3.0
+
+
+@torch.no_grad()
+def noise_feature(y: torch.Tensor) -> torch.Tensor:
+    """``log(sigma / NOISE_REFERENCE)`` per observation, (..., c, H, W) -> (..., 1, 1, 1), clamped to +-3.
+
+    ``sigma`` is the robust (median absolute deviation) noise estimate of horizontal neighbour
+    differences, on every second row and column: the background dominates the median, so it measures
+    the camera and background noise relative to the normalised signal (about 1 / photons), whatever
+    the structure. It is an input feature, not a learned quantity (no gradient).
+    """
+    d = (y[..., :, 1:] - y[..., :, :-1])[..., ::2, ::2]
+    flat = d.abs().reshape(*d.shape[:-3], -1)
+    sigma = 1.4826 * flat.median(dim=-1).values / math.sqrt(2.0)
+    phi = torch.log(sigma.clamp_min(1e-12) / NOISE_REFERENCE).clamp(-NOISE_FEATURE_BOUND, NOISE_FEATURE_BOUND)
+    return phi[..., None, None, None]
 
 
 def leaky_soft_threshold(z: torch.Tensor, theta: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -274,9 +294,10 @@ class UnrolledISTA(nn.Module):
 
     def __init__(self, psf, n_channels: int = 18, n_layers: int = 10, lam: float = 0.05, alpha: float = 0.1,
                  threshold: str = "lst", lipschitz: float | None = None, dtype=torch.float32,
-                 momentum: bool = False, parameterization: str = "multiplier"):
+                 momentum: bool = False, parameterization: str = "multiplier", noise_adaptive: bool = False):
         super().__init__()
         self.momentum = bool(momentum)
+        self.noise_adaptive = bool(noise_adaptive)
         if parameterization not in PARAMETERIZATIONS:
             raise SPoDInputError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
         self.parameterization = parameterization
@@ -326,6 +347,12 @@ class UnrolledISTA(nn.Module):
         layer = self._new_layer()
         if self.momentum:
             layer.mu = nn.Parameter(torch.tensor(fista_momentum(len(self.layers)), dtype=torch.float64))
+        if self.noise_adaptive:
+            # log step and threshold (and momentum) change linearly with the noise feature; 0: no change
+            layer.eta_slope = nn.Parameter(torch.tensor(0.0, dtype=torch.float64))
+            layer.theta_slope = nn.Parameter(torch.tensor(0.0, dtype=torch.float64))
+            if self.momentum:
+                layer.mu_slope = nn.Parameter(torch.tensor(0.0, dtype=torch.float64))
         layer = layer.to(device=self.psf.device, dtype=self.psf.dtype)
         self.layers.append(layer)
         return layer
@@ -378,15 +405,15 @@ class UnrolledISTA(nn.Module):
             return self._forward_inplace(y, n_layers, image_hw, size_ratio, post_threshold)
         x = x_prev = z = None
         outputs = []
+        phi = noise_feature(y) if self.noise_adaptive else None
         for m in range(n_layers):
             layer = self.layers[m]
             fwd, adj = self._ops(m, image_hw)
-            eta = layer.step_multiplier() * self.eta_scale
-            theta = layer.threshold_multiplier() * self.theta_scale * size_ratio
+            eta, theta, mu = self._schedule(layer, phi, size_ratio)
             v = -eta * adj(-y) if z is None else z - eta * adj(fwd(z) - y)
             x = leaky_soft_threshold(v, theta, self.alpha)
             # Learned FISTA momentum: the next layer starts from an extrapolated point.
-            z = x if not self.momentum or x_prev is None else x + layer.mu * (x - x_prev)
+            z = x if not self.momentum or x_prev is None else x + mu * (x - x_prev)
             x_prev = x
             if intermediate:
                 outputs.append(torch.clamp(x, min=0) if post_threshold else x)
@@ -394,14 +421,35 @@ class UnrolledISTA(nn.Module):
             return outputs
         return torch.clamp(x, min=0) if post_threshold else x
 
+    def _schedule(self, layer, phi, size_ratio):
+        """Layer step, threshold and momentum; with the noise-adaptive schedule, tensors (..., 1, 1, 1)
+        for the noise feature ``phi`` (..., 1, 1, 1) of each observation."""
+        eta = layer.step_multiplier() * self.eta_scale
+        theta = layer.threshold_multiplier() * self.theta_scale * size_ratio
+        mu = layer.mu if self.momentum else None
+        if phi is not None:
+            eta = eta * torch.exp(layer.eta_slope * phi)
+            theta = theta * torch.exp(layer.theta_slope * phi)
+            if self.momentum:
+                mu = mu + layer.mu_slope * phi
+        return eta, theta, mu
+
     def _forward_inplace(self, y, n_layers, image_hw, size_ratio, post_threshold):
         """The same computation without autograd, in place: the elementwise passes over
         full-size arrays are memory-bound and cost as much as the FFTs on a CPU."""
+        phi = None
+        if self.noise_adaptive:
+            if y.ndim > 3 and y[..., 0, 0, 0].numel() > 1:  # one schedule per observation: one at a time
+                flat = y.reshape(-1, *y.shape[-3:])
+                out = [self._forward_inplace(flat[i], n_layers, image_hw, size_ratio, post_threshold)
+                       for i in range(flat.shape[0])]
+                return torch.stack(out).reshape(*y.shape[:-3], *out[0].shape)
+            phi = noise_feature(y).reshape(())
         x = x_prev = z = None
         for m in range(n_layers):
             layer = self.layers[m]
-            eta = float(layer.step_multiplier() * self.eta_scale)
-            theta = float(layer.threshold_multiplier() * self.theta_scale * size_ratio)
+            eta_t, theta_t, mu_t = self._schedule(layer, phi, size_ratio)
+            eta, theta = float(eta_t), float(theta_t)
             fused = self._fused(m, image_hw)
             if fused is not None:
                 v = fused[0](y, eta, theta) if z is None else fused[1](z, y, eta, theta)
@@ -412,7 +460,7 @@ class UnrolledISTA(nn.Module):
             x = torch.relu_(v) if self.alpha == 0 else torch.nn.functional.leaky_relu_(v, self.alpha)
             if self.momentum and x_prev is not None:
                 # x + mu (x - x_prev) in one pass
-                z = torch.lerp(x_prev, x, 1.0 + float(layer.mu))
+                z = torch.lerp(x_prev, x, 1.0 + float(mu_t))
             else:
                 z = x
             x_prev = x
@@ -428,7 +476,9 @@ class UnrolledISTA(nn.Module):
         return {"architecture": self.architecture, "n_channels": self.n_channels, "n_layers": self.n_layers,
                 "lam": self.lam, "alpha": self.alpha, "threshold": self.threshold,
                 "lipschitz": float(1.0 / self.eta_scale.item()), "psf_shape": list(self.psf_shape),
-                "momentum": self.momentum, "parameterization": self.parameterization}
+                "momentum": self.momentum, "parameterization": self.parameterization,
+                # only when used: checkpoints of older versions stay byte-identical
+                **({"noise_adaptive": True} if self.noise_adaptive else {})}
 
     def truncated(self, n_layers: int) -> "UnrolledISTA":
         """A copy with only the first ``n_layers`` layers."""
@@ -454,7 +504,8 @@ class SPoDNet(UnrolledISTA):
     def __init__(self, psf, n_channels: int = 18, n_layers: int = 10, lam: float = 0.05, alpha: float = 0.1,
                  threshold: str = "lst", orientation: str = "harmonic", n_harmonics: int = 1,
                  lipschitz: float | None = None, dtype=torch.float32, momentum: bool = False,
-                 parameterization: str = "multiplier", untied: bool = False, preconditioned: bool = False):
+                 parameterization: str = "multiplier", untied: bool = False, preconditioned: bool = False,
+                 noise_adaptive: bool = False):
         if orientation not in ORIENTATIONS:
             raise SPoDInputError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
         if orientation == "harmonic" and not 0 <= n_harmonics <= (n_channels - 1) // 2:
@@ -466,7 +517,7 @@ class SPoDNet(UnrolledISTA):
             raise SPoDInputError("the preconditioner needs orientation='harmonic'")
         self.preconditioned = bool(preconditioned)
         super().__init__(psf, n_channels, n_layers, lam, alpha, threshold, lipschitz, dtype, momentum,
-                         parameterization)
+                         parameterization, noise_adaptive)
 
     def _new_layer(self):
         return SPoDLayer(self.psf, self.n_channels, self.orientation, self.n_harmonics, self.parameterization,
@@ -476,12 +527,14 @@ class SPoDNet(UnrolledISTA):
     def from_operator(cls, op: SPoDOperator, n_layers: int = 10, lam: float = 0.05, alpha: float = 0.1,
                       threshold: str = "lst", orientation: str = "harmonic", n_harmonics: int = 1,
                       momentum: bool = False, parameterization: str = "multiplier",
-                      untied: bool = False, preconditioned: bool = False) -> "SPoDNet":
+                      untied: bool = False, preconditioned: bool = False,
+                      noise_adaptive: bool = False) -> "SPoDNet":
         """Untrained network = ``n_layers`` ISTA iterations with ista's default step (exact for alpha = 0);
         with ``momentum``, ``n_layers`` FISTA iterations without restart (whatever the parameterization)."""
         net = cls(op.psf.detach().cpu().numpy(), op.n_channels, n_layers, lam, alpha, threshold, orientation,
                   n_harmonics, lipschitz=op.lipschitz_bound(), dtype=op.dtype, momentum=momentum,
-                  parameterization=parameterization, untied=untied, preconditioned=preconditioned)
+                  parameterization=parameterization, untied=untied, preconditioned=preconditioned,
+                  noise_adaptive=noise_adaptive)
         return net.to(device=op.device, dtype=op.dtype)
 
     def config(self) -> dict:

@@ -67,6 +67,7 @@ class TrainingConfig:
     parameterization: str = "multiplier"  # step/threshold multipliers as such, or "log" (can move by factors)
     untied: bool = False                 # SPoD-Net: own back-projection filters per layer (learned preconditioner)
     preconditioned: bool = False         # SPoD-Net: Wiener-like Fourier preconditioner per layer (learned delta)
+    noise_adaptive: bool = False         # schedule (log step, threshold, momentum) linear in the measured noise level
     schedule: str = "layerwise"          # "layerwise" (Algorithm 1), "end-to-end", "layerwise+end-to-end"
     e2e_epochs: int = 0                  # epochs of the end-to-end stage (0 with schedule "end-to-end": ``epochs``)
     scalar_lr: float | None = None       # rate of steps, thresholds, momenta (None: lr)
@@ -124,7 +125,7 @@ class TrainingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise SPoDInputError(f"Invalid training setting: {name} must be a whole number, got {value!r}.")
-        flags = ("momentum", "untied", "preconditioned", "fresh_crops", "log_loss", "flips", "preprocess")
+        flags = ("momentum", "untied", "preconditioned", "noise_adaptive", "fresh_crops", "log_loss", "flips", "preprocess")
         for name in flags:
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise SPoDInputError(f"Invalid training setting: {name} must be True or False, "
@@ -234,6 +235,9 @@ class TrainingProgress:
 
 #: Log-space steps and thresholds stay within a factor e^4 (about 55) of their ISTA values.
 LOG_MULTIPLIER_BOUND = 4.0
+#: Noise-adaptive schedule: a slope of at most 2 per unit of log noise (the feature spans about
+#: -1.5 .. 1.2 between 1000 and 50 photons, so a schedule can change by up to e^3 over that range).
+NOISE_SLOPE_BOUND = 2.0
 #: End-to-end: a validation objective this much (relative) above the best restores the best state.
 RESTORE_TOLERANCE = 0.05
 #: Learned momenta stay in a range where the extrapolation is still a contraction in practice.
@@ -405,7 +409,7 @@ class Trainer:
         cfg = self.config
         common = dict(n_layers=0, lam=cfg.lam, alpha=cfg.alpha, threshold=cfg.threshold,
                       lipschitz=self.op.lipschitz_bound(), momentum=cfg.momentum,
-                      parameterization=cfg.parameterization)
+                      parameterization=cfg.parameterization, noise_adaptive=cfg.noise_adaptive)
         if cfg.architecture == "spodnet":
             net = SPoDNet(self.psf, self.n_channels, orientation=cfg.orientation, n_harmonics=cfg.n_harmonics,
                           untied=cfg.untied, preconditioned=cfg.preconditioned, **common)
@@ -493,6 +497,9 @@ class Trainer:
                 layer.theta.clamp_(-LOG_MULTIPLIER_BOUND, LOG_MULTIPLIER_BOUND)
                 if hasattr(layer, "mu"):
                     layer.mu.clamp_(*MOMENTUM_BOUNDS)
+                for name in ("eta_slope", "theta_slope", "mu_slope"):
+                    if hasattr(layer, name):
+                        getattr(layer, name).clamp_(-NOISE_SLOPE_BOUND, NOISE_SLOPE_BOUND)
                 if hasattr(layer, "log_delta"):
                     layer.log_delta.clamp_(*LOG_DELTA_BOUNDS)
                     layer.log_shape.clamp_(-LOG_SHAPE_BOUND, LOG_SHAPE_BOUND)
