@@ -75,6 +75,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=None, help="training seed (crops, order; default: the preset's)")
     parser.add_argument("--noise-adaptive", action="store_true",
                         help="schedule linear in the measured noise level (TrainingConfig.noise_adaptive)")
+    parser.add_argument("--deep-supervision", type=float, default=0.0,
+                        help="weight decay of earlier layers' objectives (TrainingConfig.deep_supervision; 0: off)")
     parser.add_argument("--objective-power", type=float, default=1.0,
                         help="train on the mean objective ** p (TrainingConfig.objective_power; 1: the mean)")
     parser.add_argument("--intensity-jitter", type=float, default=0.0,
@@ -92,6 +94,8 @@ def main(argv=None) -> None:
         overrides["seed"] = args.seed
     if args.noise_adaptive:
         overrides["noise_adaptive"] = True
+    if args.deep_supervision:
+        overrides["deep_supervision"] = args.deep_supervision
     if args.objective_power != 1:
         overrides["objective_power"] = args.objective_power
     if args.intensity_jitter:
