@@ -15,6 +15,9 @@ Variants for experiments (docs/results.md, section 0, "Session 15"): ``--data va
 and punctum densities (1-8 and 4-250 per 128 x 128) and photons (30-2000) per observation;
 ``--truth-weight W`` mixes the error against the simulated ground truth into the loss;
 ``--layers``, ``--epochs`` and ``--log-loss`` override the preset. None of them beat the shipped recipe.
+Session 16 (docs/results.md, "Session 16"): ``--seed``, ``--objective-power``, ``--intensity-jitter``,
+``--noise-adaptive``, ``--deep-supervision`` and ``--data with-clusters`` (every fourth observation from
+the clusters family); none beat it either.
 """
 
 from __future__ import annotations
