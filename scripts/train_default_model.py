@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_spodnet.core.checkpoint import save_checkpoint
+from napari_spodnet.core.checkpoint import load_checkpoint, save_checkpoint
 from napari_spodnet.core.compare import compare_at_equal_objective
 from napari_spodnet.core.families import simulate_family
 from napari_spodnet.core.physics import SPoDOperator
@@ -42,10 +42,19 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "src" / "napari_spodnet" 
 PHOTONS = (50.0, 200.0, 1000.0)
 
 
+def teacher(observation, psf, iterations: int, lam: float) -> np.ndarray:
+    """FISTA's solution after ``iterations`` on the whole normalised observation, in camera units (c, h, w)."""
+    norm = fit_normalization(observation)
+    y = torch.as_tensor(norm.apply(observation.astype(np.float32)))
+    return fista(SPoDOperator(psf), y, lam, max_iter=iterations, tol=0).x.numpy() * np.float32(norm.scale)
+
+
 def training_observation(kind: str, size: int, psf, index: int):
     """Training observation ``index`` (seed 100 + index): a SimulatedObservation, (18, size, size) counts."""
     if kind == "simulate" or (kind == "with-clusters" and index % 4 != 3):
         return simulate((size, size), psf=psf, seed=100 + index, photons=PHOTONS[index % 3])
+    if kind == "clusters":  # every observation from the clusters family (fine-tuning to a user's kind of data)
+        return simulate_family("clusters", (size, size), psf=psf, seed=100 + index, photons=PHOTONS[index % 3])
     if kind == "with-clusters":  # every fourth observation: dense puncta clusters (core.families)
         return simulate_family("clusters", (size, size), psf=psf, seed=100 + index, photons=PHOTONS[index % 3])
     # "varied": densities and photons log-uniform, drawn from their own seed so observation i is reproducible
@@ -68,13 +77,21 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--layers", type=int, default=None, help="layers (default: the preset's)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
-    parser.add_argument("--data", choices=("simulate", "varied", "with-clusters"), default="simulate",
+    parser.add_argument("--data", choices=("simulate", "varied", "with-clusters", "clusters"), default="simulate",
                         help="training data: simulate's defaults, densities and photons drawn per observation, or "
-                             "simulate with every fourth observation from the clusters family")
+                             "simulate with every fourth observation from the clusters family, or clusters only "
+                             "(validation then on clusters too)")
     parser.add_argument("--log-loss", action="store_true",
                         help="train on the mean log objective (weighs bright and dim crops alike)")
     parser.add_argument("--truth-weight", type=float, default=0.0,
                         help="weight of the ground-truth error in the loss (0: the objective alone)")
+    parser.add_argument("--teacher-iterations", type=int, default=0,
+                        help="with --truth-weight: the target is FISTA's solution after this many iterations "
+                             "(distillation, no ground truth needed) instead of the simulated truth")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="fine-tune this checkpoint (warm start) instead of starting from 10 FISTA steps")
+    parser.add_argument("--lr-scale", type=float, default=1.0,
+                        help="multiply the preset's learning rates (fine-tuning with --init wants a small one)")
     parser.add_argument("--seed", type=int, default=None, help="training seed (crops, order; default: the preset's)")
     parser.add_argument("--noise-adaptive", action="store_true",
                         help="schedule linear in the measured noise level (TrainingConfig.noise_adaptive)")
@@ -89,7 +106,9 @@ def main(argv=None) -> None:
 
     psf = default_psf()
     sims = [training_observation(args.data, args.size, psf, i) for i in range(args.observations)]
-    validation = [simulate((args.size, args.size), psf=psf, seed=90 + i, photons=p) for i, p in enumerate(PHOTONS)]
+    validation = [simulate_family("clusters", (args.size, args.size), psf=psf, seed=90 + i, photons=p)
+                  if args.data == "clusters" else simulate((args.size, args.size), psf=psf, seed=90 + i, photons=p)
+                  for i, p in enumerate(PHOTONS)]
     overrides = {k: v for k, v in (("n_layers", args.layers), ("epochs", args.epochs)) if v is not None}
     if args.log_loss:
         overrides["log_loss"] = True
@@ -106,10 +125,18 @@ def main(argv=None) -> None:
     if args.truth_weight:
         overrides["truth_weight"] = args.truth_weight
     config = TrainingConfig.preset(args.preset, **overrides)
+    if args.lr_scale != 1:
+        config = config.with_rates_scaled(args.lr_scale)
+    truths = val_truths = None
+    if args.truth_weight:
+        truths, val_truths = [s.truth for s in sims], [s.truth for s in validation]
+        if args.teacher_iterations:
+            truths, val_truths = ([teacher(s.observation, psf, args.teacher_iterations, config.lam) for s in group]
+                                  for group in (sims, validation))
     trainer = Trainer([s.observation for s in sims], psf, config, device=args.device,
                       validation_observations=[s.observation for s in validation],
-                      truths=[s.truth for s in sims] if args.truth_weight else None,
-                      validation_truths=[s.truth for s in validation] if args.truth_weight else None)
+                      truths=truths, validation_truths=val_truths,
+                      initial=load_checkpoint(args.init) if args.init else None)
 
     def report(p) -> None:
         if p.epoch % 10 == 0 or p.stage == "done":
@@ -125,7 +152,7 @@ def main(argv=None) -> None:
                         script="scripts/train_default_model.py", preset=args.preset,
                         training_observations=args.observations, training_size=args.size,
                         training_data=args.data, log_loss=args.log_loss,
-                        truth_weight=args.truth_weight)
+                        truth_weight=args.truth_weight, teacher_iterations=args.teacher_iterations)
     path = save_checkpoint(net.cpu(), args.out)
     print(f"wrote {path} ({path.stat().st_size / 1024:.1f} kB) after {trainer.history[-1].elapsed:.0f} s")
 

@@ -64,6 +64,35 @@ def test_train_then_recover_with_own_model(data_dir, tmp_path):
     assert read_stack_metadata(out)["model"] == str(model)
 
 
+def test_fine_tune_the_shipped_model(data_dir, tmp_path, capsys):
+    """--fine-tune default: the shipped model, trained further on the user's data (same PSF)."""
+    from napari_spodnet.core.recover import DEFAULT_MODEL_PATH
+    from napari_spodnet.core.simulate import default_psf, gaussian_psf
+
+    psf = tmp_path / "airy.tif"
+    tifffile.imwrite(psf, default_psf())
+    model = tmp_path / "tuned.safetensors"
+    args = ["train", str(data_dir / "observation.tif"), "--psf", str(psf), "--epochs", "1", "--crops", "2",
+            "--batch-size", "2", "--crop-size", "48", "--quiet"]
+    assert cli.main([*args, "-o", str(model), "--fine-tune", "default"]) == 0
+    tuned, shipped = load_checkpoint(model), load_checkpoint(DEFAULT_MODEL_PATH)
+    assert tuned.n_layers == shipped.n_layers
+    # one Adam step at a fifth of the rate: near the shipped schedule, not back at FISTA's steps
+    eta = [float(layer.eta.detach()) for layer in tuned.layers]
+    assert np.allclose(eta, [float(layer.eta.detach()) for layer in shipped.layers], atol=0.05)
+    assert max(abs(e) for e in eta) > 0.3
+    # the output may not overwrite the model it starts from; another PSF is refused with a clear message
+    before = model.read_bytes()
+    capsys.readouterr()
+    assert cli.main([*args, "-o", str(model), "--fine-tune", str(model)]) != 0
+    assert model.read_bytes() == before
+    gaussian = tmp_path / "gaussian.tif"
+    tifffile.imwrite(gaussian, gaussian_psf(32, 2.5))
+    other = tmp_path / "other.safetensors"
+    assert cli.main([*args, "-o", str(other), "--psf", str(gaussian), "--fine-tune", str(model)]) != 0
+    assert "another PSF" in capsys.readouterr().err and not other.exists()
+
+
 def test_recover_with_the_shipped_model(data_dir, tmp_path):
     out = tmp_path / "rec.tif"
     assert cli.main(["recover", str(data_dir / "observation.tif"), "-o", str(out), "--quiet"]) == 0

@@ -464,6 +464,37 @@ def test_bad_end_to_end_settings(observations, psf):
             train_spodnet(observations, psf, preset="quick", device="cpu", **{**E2E_TINY, **bad})
 
 
+# -- fine-tuning a trained network (warm start) ---------------------------------------------------
+
+def test_fine_tuning_starts_from_the_given_network(observations, psf):
+    base, _ = train_spodnet(observations, psf, preset="quick", device="cpu", **E2E_TINY)
+    before = _params(base)
+    tuned, history = train_spodnet(observations, psf, preset="quick", device="cpu", initial=base,
+                                   **{**E2E_TINY, "epochs": 1, "scalar_lr": 1e-6})
+    # the given network is copied, not changed
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(base)))
+    assert tuned is not base and tuned.n_layers == base.n_layers
+    # at a vanishing rate the result is the given network: training started from it, not from FISTA steps
+    for a, b in zip(_params(base), _params(tuned)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    fresh, _ = train_spodnet(observations, psf, preset="quick", device="cpu",
+                             **{**E2E_TINY, "epochs": 1, "scalar_lr": 1e-6})
+    assert any(not torch.allclose(a, b, atol=1e-3) for a, b in zip(_params(fresh), _params(tuned)))
+    assert history[-1].stage == "done"
+
+
+def test_fine_tuning_rejects_a_network_that_does_not_fit(observations, psf):
+    base, _ = train_spodnet(observations, psf, preset="quick", device="cpu", **E2E_TINY)
+    with pytest.raises(SPoDInputError, match="n_layers"):
+        train_spodnet(observations, psf, preset="quick", device="cpu", initial=base, **{**E2E_TINY, "n_layers": 4})
+    with pytest.raises(SPoDInputError, match="end-to-end"):
+        train_spodnet(observations, psf, preset="quick-layerwise", device="cpu", initial=base, **E2E_TINY)
+    with pytest.raises(SPoDInputError, match="another PSF"):
+        train_spodnet(observations, gaussian_psf(9, 1.0), preset="quick", device="cpu", initial=base, **E2E_TINY)
+    with pytest.raises(SPoDInputError, match="PSF"):
+        train_spodnet(observations, gaussian_psf(7), preset="quick", device="cpu", initial=base, **E2E_TINY)
+
+
 # -- truth-supervised mixed loss (simulated ground truth) ---------------------------------------------
 
 def test_truth_crops_are_what_the_observation_crops_see(psf):

@@ -202,7 +202,8 @@ def cmd_train(args) -> int:
     from .core.training import Trainer, TrainingConfig
     from .io import read_psf
 
-    _check_output(args.output, [*args.observations, args.psf], what="checkpoint")
+    sources = [*args.observations, args.psf] + ([args.fine_tune] if args.fine_tune not in (None, "default") else [])
+    _check_output(args.output, sources, what="checkpoint")
     observations = [_load_observation(p, args.n_channels, memmap=False, axis=args.axis) for p in args.observations]
     psf = read_psf(args.psf)
     overrides = {k: v for k, v in dict(lam=args.lam, n_layers=args.layers, epochs=args.epochs, lr=args.lr,
@@ -212,7 +213,15 @@ def cmd_train(args) -> int:
                                        momentum=not args.no_momentum).items()
                  if v is not None}
     config = TrainingConfig.preset(args.preset, **overrides)
-    trainer = Trainer(observations, psf, config, device=args.device, n_channels=args.n_channels)
+    initial = None
+    if args.fine_tune:
+        from .core.checkpoint import load_checkpoint
+        from .core.recover import DEFAULT_MODEL_PATH
+        from .core.training import FINE_TUNE_RATE
+
+        initial = load_checkpoint(DEFAULT_MODEL_PATH if args.fine_tune == "default" else args.fine_tune)
+        config = config.with_rates_scaled(FINE_TUNE_RATE)
+    trainer = Trainer(observations, psf, config, device=args.device, n_channels=args.n_channels, initial=initial)
     bar = _Progress("training", args.quiet)
     try:
         net = trainer.run(lambda update: bar(update.fraction, f"{update.message} loss {update.train_loss:.4g}"))
@@ -418,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", action="store_true", help="median 5 / minimum 7 background removal")
     p.add_argument("--no-momentum", action="store_true",
                    help="train the paper's network, without learned FISTA momentum between layers")
+    p.add_argument("--fine-tune", default=None, metavar="MODEL",
+                   help="start from this checkpoint ('default': the shipped model) instead of FISTA steps, at "
+                        "a fifth of the preset's rates; needs the same PSF and an end-to-end preset (quick, standard)")
     common(p)
     p.set_defaults(func=cmd_train)
 

@@ -110,6 +110,16 @@ class TrainingConfig:
             raise SPoDInputError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
         return replace(cls(**PRESETS[name]), preset_name=name, **overrides)
 
+    def with_rates_scaled(self, factor: float) -> "TrainingConfig":
+        """The same settings with every learning rate (filters, steps/thresholds) times ``factor``.
+
+        Fine-tuning a trained network (``Trainer(initial=...)``) wants ``FINE_TUNE_RATE``: its learned
+        schedule sits near the edge of stability, and a few steps at the preset's rates can undo it.
+        """
+        return replace(self, lr=self.lr * factor,
+                       scalar_lr=None if self.scalar_lr is None else self.scalar_lr * factor,
+                       filter_lr=None if self.filter_lr is None else self.filter_lr * factor)
+
     def validate(self) -> None:
         numbers = ("lam", "alpha", "lr", "scalar_lr", "filter_lr", "step2_new", "step2_old", "gamma",
                    "deep_supervision", "truth_weight", "intensity_jitter", "objective_power")
@@ -233,6 +243,10 @@ class TrainingProgress:
         return asdict(self)
 
 
+#: Rate factor for fine-tuning a trained network (measured on the shipped model, docs/results.md
+#: "Session 17": 8 Adam steps at the full rate took it from 101-172 to 22-36 FISTA iterations; at 0.1-0.2
+#: it keeps them).
+FINE_TUNE_RATE = 0.2
 #: Log-space steps and thresholds stay within a factor e^4 (about 55) of their ISTA values.
 LOG_MULTIPLIER_BOUND = 4.0
 #: Noise-adaptive schedule: a slope of at most 2 per unit of log noise (the feature spans about
@@ -371,7 +385,8 @@ class Trainer:
     """Runs layer-wise training; use :meth:`run_iter` for progress, :meth:`cancel` to stop early."""
 
     def __init__(self, observations, psf, config: TrainingConfig | None = None, device=None,
-                 n_channels: int = 18, validation_observations=None, truths=None, validation_truths=None):
+                 n_channels: int = 18, validation_observations=None, truths=None, validation_truths=None,
+                 initial: UnrolledISTA | None = None):
         self.config = config or TrainingConfig.preset("quick")
         self.config.validate()
         self.device = resolve_device(device)
@@ -388,6 +403,7 @@ class Trainer:
                                if validation_observations is not None else self.truths)
         self._loss_scale = None  # (objective, truth error) of the untrained network: the mixed loss's units
         self.flips = self.config.flips and _psf_is_mirror_symmetric(self.psf)
+        self.initial = None if initial is None else self._check_initial(initial)
         self._cancel = False
         self.restores = 0  # end-to-end stage: times the best state was restored after a rise
         self.net: UnrolledISTA | None = None
@@ -404,6 +420,29 @@ class Trainer:
 
     def best_model(self) -> UnrolledISTA | None:
         return None if self.best_state is None else self.best_state[1]
+
+    def _check_initial(self, initial: UnrolledISTA) -> UnrolledISTA:
+        """A private copy of the network to fine-tune (warm start), after checking it fits this training."""
+        cfg = self.config
+        if cfg.schedule != "end-to-end":
+            raise SPoDInputError("Fine-tuning a trained network needs the end-to-end schedule.")
+        if tuple(initial.psf_shape) != self.psf.shape or initial.n_channels != self.n_channels:
+            raise SPoDInputError(f"The network to fine-tune was made for a {tuple(initial.psf_shape)} PSF and "
+                                 f"{initial.n_channels} channels; this training has {self.psf.shape} and "
+                                 f"{self.n_channels}.")
+        if not np.allclose(initial.psf.detach().cpu().numpy(), self.psf, rtol=1e-3, atol=1e-6):
+            raise SPoDInputError("The network to fine-tune was trained with another PSF; train a new one for "
+                                 "this PSF instead.")
+        mismatched = [name for name, value in (("architecture", cfg.architecture), ("n_layers", cfg.n_layers),
+                                               ("lam", cfg.lam),
+                                               ("parameterization", cfg.parameterization),
+                                               ("noise_adaptive", cfg.noise_adaptive))
+                      if getattr(initial, name) != value]
+        if mismatched:
+            raise SPoDInputError("The network to fine-tune differs from the training settings in "
+                                 + ", ".join(f"{n} ({getattr(initial, n)!r} against {getattr(cfg, n)!r})"
+                                             for n in mismatched) + ".")
+        return copy.deepcopy(initial).to(self.device)
 
     def _new_network(self) -> UnrolledISTA:
         cfg = self.config
@@ -530,7 +569,7 @@ class Trainer:
         val, val_targets = crops(self.val_frames, self.val_truths, cfg.n_val_crops,
                                  np.random.default_rng(cfg.seed + 1), False)
         self._fista_history = self._fista_reference(val)
-        net = self.net = self._new_network()
+        net = self.net = self._new_network() if self.initial is None else self.initial
         steps_per_epoch = max(1, int(np.ceil(cfg.n_crops / cfg.batch_size)))
         layerwise = cfg.schedule != "end-to-end"
         end_to_end = cfg.schedule != "layerwise"
@@ -616,7 +655,7 @@ class Trainer:
                     with torch.no_grad():
                         for p in layer.parameters():
                             p.mul_(cfg.gamma)
-        else:
+        elif self.initial is None:
             for _ in range(cfg.n_layers):
                 net.add_layer()  # every layer starts as one ISTA (FISTA, with momentum) step
         if end_to_end:
@@ -690,15 +729,20 @@ class Trainer:
 
 def train_spodnet(observations, psf, lam: float = DEFAULT_LAMBDA, preset: str = "quick",
                   callback: Optional[Callable[[TrainingProgress], Optional[bool]]] = None, device=None,
-                  n_channels: int = 18, validation_observations=None, **overrides):
+                  n_channels: int = 18, validation_observations=None, initial: UnrolledISTA | None = None,
+                  **overrides):
     """Train a network; returns ``(net, history)``.
 
     observations : list of (c, H, W) arrays (or (T, c, H, W) series, split into frames).
     psf : (a, b) array. preset : ``"quick"`` or ``"paper"``; ``overrides`` change any
     :class:`TrainingConfig` field. callback(progress) may return True to cancel (the best
     model so far is returned). history : list of :class:`TrainingProgress`.
+    initial : a trained network (same PSF, layers and lam) to fine-tune instead of starting
+    from FISTA steps; end-to-end schedules only. It is copied, never changed. A learned
+    schedule sits near the edge of stability, so fine-tune at a fraction of the preset's rates
+    (``scalar_lr``): at the full rate a few steps can undo it.
     """
     config = TrainingConfig.preset(preset, lam=lam, **overrides)
     trainer = Trainer(observations, psf, config, device=device, n_channels=n_channels,
-                      validation_observations=validation_observations)
+                      validation_observations=validation_observations, initial=initial)
     return trainer.run(callback), trainer.history
