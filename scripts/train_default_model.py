@@ -92,6 +92,8 @@ def main(argv=None) -> None:
                         help="fine-tune this checkpoint (warm start) instead of starting from 10 FISTA steps")
     parser.add_argument("--lr-scale", type=float, default=1.0,
                         help="multiply the preset's learning rates (fine-tuning with --init wants a small one)")
+    parser.add_argument("--excursion-bound", type=float, default=0.0,
+                        help="penalise intermediate layers' objectives above this fraction of the zero image's")
     parser.add_argument("--seed", type=int, default=None, help="training seed (crops, order; default: the preset's)")
     parser.add_argument("--noise-adaptive", action="store_true",
                         help="schedule linear in the measured noise level (TrainingConfig.noise_adaptive)")
@@ -122,6 +124,8 @@ def main(argv=None) -> None:
         overrides["objective_power"] = args.objective_power
     if args.intensity_jitter:
         overrides["intensity_jitter"] = args.intensity_jitter
+    if args.excursion_bound:
+        overrides["excursion_bound"] = args.excursion_bound
     if args.truth_weight:
         overrides["truth_weight"] = args.truth_weight
     config = TrainingConfig.preset(args.preset, **overrides)

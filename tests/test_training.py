@@ -1,6 +1,6 @@
 """Tests of layer-wise training (core/training.py), on tiny configurations (method.md section 7)."""
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -493,6 +493,44 @@ def test_fine_tuning_rejects_a_network_that_does_not_fit(observations, psf):
         train_spodnet(observations, gaussian_psf(9, 1.0), preset="quick", device="cpu", initial=base, **E2E_TINY)
     with pytest.raises(SPoDInputError, match="PSF"):
         train_spodnet(observations, gaussian_psf(7), preset="quick", device="cpu", initial=base, **E2E_TINY)
+
+
+# -- bounded excursions of the intermediate layers --------------------------------------------------
+
+def test_excursion_bound_penalises_only_intermediate_objectives_above_it(observations, psf):
+    config = TrainingConfig.preset("quick", **{**E2E_TINY, "excursion_bound": 100.0})
+    trainer = Trainer(observations, psf, config, device="cpu")
+    net = trainer._new_network()
+    for _ in range(3):
+        net.add_layer()
+    with torch.no_grad():  # an overshooting schedule: layer 1 steps 4.5x ISTA's
+        net.layers[0].eta.fill_(1.5)
+    y = torch.as_tensor(random_crops(trainer.frames, 2, 32, np.random.default_rng(0), False))
+    plain = trainer.op.objective(y, net(y), config.lam).mean()
+    with torch.enable_grad():
+        loose = trainer._loss(net, y, None, 3)
+    torch.testing.assert_close(loose, plain)  # nothing is above 100x the zero image's objective
+    trainer.config = replace(config, excursion_bound=0.01)
+    outputs = net(y, intermediate=True)
+    zero = trainer.op.objective(y, torch.zeros_like(outputs[0]), config.lam)
+    expected = plain + sum(torch.relu(trainer.op.objective(y, x.clamp_min(0), config.lam) - 0.01 * zero)
+                           for x in outputs[:-1]).mean()
+    with torch.enable_grad():
+        tight = trainer._loss(net, y, None, 3)
+    torch.testing.assert_close(tight, expected)
+    assert float(tight) > float(plain)
+    tight.backward()
+    assert net.layers[0].eta.grad is not None and float(net.layers[0].eta.grad) > 0  # pushes the overshoot back
+
+
+def test_excursion_bound_trains_and_is_validated(observations, psf):
+    net, history = train_spodnet(observations, psf, preset="quick", device="cpu",
+                                 **{**E2E_TINY, "excursion_bound": 0.3})
+    assert history[-1].stage == "done" and net.metadata["training"]["config"]["excursion_bound"] == 0.3
+    for bad in (dict(excursion_bound=-1.0), dict(excursion_bound=0.3, deep_supervision=0.5),
+                dict(excursion_bound=0.3, schedule="layerwise")):
+        with pytest.raises(SPoDInputError, match="excursion_bound"):
+            train_spodnet(observations, psf, preset="quick", device="cpu", **{**E2E_TINY, **bad})
 
 
 # -- truth-supervised mixed loss (simulated ground truth) ---------------------------------------------

@@ -81,6 +81,10 @@ class TrainingConfig:
     #: Unsupervised: mean of objective ** p per crop. A crop's gradient is weighed by its objective ** (p - 1):
     #: p = 1 lets the noisiest crops (largest objective) dominate, p -> 0 is ``log_loss``.
     objective_power: float = 1.0
+    #: End-to-end, unsupervised: each intermediate layer's objective above ``bound`` times the zero image's is
+    #: added to the loss (0: off). Learned schedules overshoot in layers 2-3 (up to 1.4x the zero image's
+    #: objective) and correct later; the correction is what fails on structures unlike the training data.
+    excursion_bound: float = 0.0
     equivalent_iterations: int = 300     # FISTA iterations run on the validation crops ("worth N FISTA it.")
     lr: float = 1e-4
     epochs: int = 500                    # per step; an epoch is n_crops / batch_size Adam steps
@@ -122,7 +126,7 @@ class TrainingConfig:
 
     def validate(self) -> None:
         numbers = ("lam", "alpha", "lr", "scalar_lr", "filter_lr", "step2_new", "step2_old", "gamma",
-                   "deep_supervision", "truth_weight", "intensity_jitter", "objective_power")
+                   "deep_supervision", "truth_weight", "intensity_jitter", "objective_power", "excursion_bound")
         for name in numbers:
             value = getattr(self, name)
             if value is None and name in ("scalar_lr", "filter_lr"):
@@ -161,6 +165,10 @@ class TrainingConfig:
             (self.scalar_lr is None or self.scalar_lr > 0, "scalar_lr must be > 0"),
             (self.filter_lr is None or self.filter_lr >= 0, "filter_lr must be >= 0"),
             (0 <= self.deep_supervision < 1, "deep_supervision must be in [0, 1)"),
+            (self.excursion_bound >= 0, "excursion_bound must be >= 0"),
+            (self.excursion_bound == 0 or (self.loss == "unsupervised" and self.schedule != "layerwise"
+                                           and self.deep_supervision == 0 and self.truth_weight == 0),
+             "excursion_bound needs the unsupervised end-to-end schedule without deep supervision or truth_weight"),
             (self.equivalent_iterations >= 0, "equivalent_iterations must be >= 0"),
             (not self.untied or self.architecture == "spodnet", "untied filters need the spodnet architecture"),
             (not self.preconditioned or (self.architecture == "spodnet" and self.orientation == "harmonic"),
@@ -466,6 +474,8 @@ class Trainer:
                 return self._reduce(objective)
             total = sum(w * per_layer(x) for w, x in zip(weights, outputs))
             return total / sum(weights)
+        if self.config.excursion_bound > 0 and target is None and torch.is_grad_enabled() and n_layers > 1:
+            return self._bounded_excursion_loss(net, y, n_layers)
         x = net(y, n_layers=n_layers)
         if isinstance(target, TruthTarget):
             return self._mixed_loss(y, x, target.image)
@@ -474,6 +484,15 @@ class Trainer:
             # validation (no autograd) always reports the plain mean objective
             return self._reduce(objective) if torch.is_grad_enabled() else objective.mean()
         return (x - target).pow(2).sum(dim=(-3, -2, -1)).mean() / x[0].numel()
+
+    def _bounded_excursion_loss(self, net, y, n_layers) -> torch.Tensor:
+        """The final objective plus every intermediate layer's objective above ``bound`` x the zero image's."""
+        outputs = net(y, n_layers=n_layers, intermediate=True)
+        lam = self.config.lam
+        zero = self.op.objective(y, torch.zeros_like(outputs[-1]), lam)  # (batch,)
+        excess = sum(torch.relu(self.op.objective(y, x.clamp_min(0), lam) - self.config.excursion_bound * zero)
+                     for x in outputs[:-1])
+        return self._reduce(self.op.objective(y, outputs[-1], lam)) + excess.mean()
 
     def _reduce(self, objective: torch.Tensor) -> torch.Tensor:
         """The training loss of per-crop objectives (batch,): mean, mean log or mean power."""
