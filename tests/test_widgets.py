@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from qtpy.QtCore import QTimer
 
 from napari_spodnet.core.checkpoint import load_checkpoint, save_checkpoint
@@ -209,6 +210,40 @@ def test_train_quick_then_save(make_napari_viewer, qtbot, sim, tmp_path):
     path = w.save_checkpoint_to(tmp_path / "trained")
     assert path.suffix == ".safetensors"
     assert load_checkpoint(path).n_layers == 2
+
+
+def test_fine_tune_a_session_model(make_napari_viewer, qtbot, sim, notifications):
+    """'start from': a model trained in this session, trained further (rates a fifth of the preset's)."""
+    viewer, obs, psf = _viewer_with_data(make_napari_viewer, sim)
+    w = TrainWidget(viewer)
+    qtbot.addWidget(w)
+    _tiny_training(w)
+    w.start_button.click()
+    _wait_done(qtbot, w)
+    first, first_name = w.model, w.model_name
+    items = [w.start_from_combo.itemText(i) for i in range(w.start_from_combo.count())]
+    assert items == ["new network (FISTA steps)", "fine-tune the shipped model", f"fine-tune '{first_name}'"]
+    w.start_from_combo.setCurrentIndex(2)
+    get_settings().n_layers = 5  # ignored: the network's own layer count
+    before = [p.detach().clone() for p in first.parameters()]
+    w.start_button.click()
+    _wait_done(qtbot, w)
+    assert w.model is not first and w.model.n_layers == first.n_layers == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, first.parameters()))  # the session model is kept
+    assert w.model.metadata["training"]["config"]["scalar_lr"] == pytest.approx(0.06 * 0.2)
+    assert len(get_model_registry()) == 2
+    # the shipped model was trained with the 32 x 32 Airy PSF: another PSF is refused before any work
+    small = viewer.add_image(np.full((9, 9), 1 / 81, dtype=np.float32), name="psf 9")
+    w.psf_picker.set_layer(small)
+    w.start_from_combo.setCurrentIndex(1)
+    assert w.start() is None
+    assert any("trained with a 32 x 32 PSF" in m for m in _errors(notifications))
+    w.psf_picker.set_layer(psf)
+    # a layer-wise preset cannot fine-tune
+    w.start_from_combo.setCurrentIndex(2)
+    w.set_preset("quick-layerwise")
+    assert w.start() is None
+    assert any("end-to-end preset" in m for m in _errors(notifications))
 
 
 def test_train_stop_keeps_best_model(make_napari_viewer, qtbot, sim):

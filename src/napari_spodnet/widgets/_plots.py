@@ -198,10 +198,11 @@ class CurvePlot(QWidget):
             if want == "log":
                 # plain "1e-03" labels: matplotlib's default 10^x labels go through mathtext, whose
                 # first use costs ~0.3 s and every redraw several ms per label
-                from matplotlib.ticker import LogFormatter
+                from matplotlib.ticker import FuncFormatter, LogFormatter
 
                 ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=True))
-                ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))  # 2e-04 ... within a decade
+                # within a decade matplotlib puts minor ticks between 2e-04 and 3e-04 too: 2 digits tell them apart
+                ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _pos: f"{value:.1e}"))
         limits = self._limits(tight)
         if limits is not None:
             ax.set_xlim(*limits[0])

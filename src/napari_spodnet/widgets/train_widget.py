@@ -28,7 +28,15 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.checkpoint import save_checkpoint
-from ..core.training import PRESET_DESCRIPTIONS, PRESETS, Trainer, TrainingConfig, TrainingError, TrainingProgress
+from ..core.training import (
+    FINE_TUNE_RATE,
+    PRESET_DESCRIPTIONS,
+    PRESETS,
+    Trainer,
+    TrainingConfig,
+    TrainingError,
+    TrainingProgress,
+)
 from ..core.validation import SPoDInputError
 from ._controls import ProgressRow, make_spin
 from ._jobs import Job, JobWidget
@@ -42,9 +50,14 @@ from ._plots import CurvePlot
 _PRESET_FIELDS = ("lr", "epochs", "batch_size", "n_crops", "crop_size")
 
 
-def _train_work(control, observations, psf, config: TrainingConfig, device: str, n_channels: int):
+#: "start from" choices that are not session models
+_NEW_NETWORK = "new network (FISTA steps)"
+_SHIPPED = "fine-tune the shipped model"
+
+
+def _train_work(control, observations, psf, config: TrainingConfig, device: str, n_channels: int, initial=None):
     """Generator run in the worker: build the Trainer, yield its progress, return the network."""
-    trainer = Trainer(observations, psf, config, device=device, n_channels=n_channels)
+    trainer = Trainer(observations, psf, config, device=device, n_channels=n_channels, initial=initial)
     control.on_cancel(trainer.cancel)
     net = yield from trainer.run_iter()
     return {"net": net, "cancelled": trainer.cancelled, "history": list(trainer.history)}
@@ -100,6 +113,14 @@ class TrainWidget(JobWidget):
         self.crop_spin = self.binder.bind("crop_size", make_spin(8, 4096, s.crop_size, step=8,
                                                                  tooltip="Observation crop size in pixels."))
         self.device_picker = DevicePicker(self.binder)
+        self.start_from_combo = QComboBox()
+        self.start_from_combo.setToolTip(
+            "New network: 10 FISTA steps, trained from scratch. Fine-tune: start from a trained network (same PSF) "
+            "and train it further on these layers at a fifth of the preset's rates; end-to-end presets only "
+            "(quick, standard). The layer count and λ are the network's.")
+        self._fill_start_from()
+        self.registry.changed.connect(self._fill_start_from)
+        self.start_from_combo.currentIndexChanged.connect(self._on_start_from_chosen)
 
         self.start_button = QPushButton("Start training")
         self.save_button = QPushButton("Save checkpoint…")
@@ -115,6 +136,7 @@ class TrainWidget(JobWidget):
         form.addRow("PSF", self.psf_picker)
         cfg_box = QGroupBox("Settings")
         form = QFormLayout(cfg_box)
+        form.addRow("start from", self.start_from_combo)
         form.addRow("preset", self.preset_combo)
         form.addRow(self.preset_description)
         form.addRow("layers", self.n_layers_spin)
@@ -144,6 +166,39 @@ class TrainWidget(JobWidget):
         self.start_button.clicked.connect(self.toggle)
         self.save_button.clicked.connect(self._save_dialog)
         self._show_preset_description()
+
+    # ------------------------------------------------------------------ start from
+    def _fill_start_from(self) -> None:
+        try:
+            current = self.start_from_combo.currentText()
+        except RuntimeError:  # the widget was closed; the registry outlives it
+            return
+        self.start_from_combo.blockSignals(True)
+        self.start_from_combo.clear()
+        self.start_from_combo.addItems([_NEW_NETWORK, _SHIPPED, *(f"fine-tune '{name}'" for name in self.registry.names())])
+        index = self.start_from_combo.findText(current)
+        self.start_from_combo.setCurrentIndex(max(index, 0))
+        self.start_from_combo.blockSignals(False)
+
+    def _on_start_from_chosen(self, index: int) -> None:
+        # a network to fine-tune brings its own layer count, λ and momentum
+        for spin in (self.n_layers_spin, self.lam_spin, self.alpha_spin, self.momentum_check):
+            spin.setEnabled(index <= 0)
+
+    def initial_network(self):
+        """The network to fine-tune (None: a new one); raises SPoDInputError when it cannot be had."""
+        choice = self.start_from_combo.currentIndex()
+        if choice <= 0:
+            return None
+        if choice == 1:
+            from ..core.checkpoint import load_checkpoint
+            from ..core.recover import DEFAULT_MODEL_PATH
+
+            if not DEFAULT_MODEL_PATH.is_file():
+                raise SPoDInputError("this installation has no shipped model; start from a new network.")
+            return load_checkpoint(DEFAULT_MODEL_PATH)
+        entry = self.registry.get(self.registry.names()[choice - 2])
+        return entry.net
 
     # ------------------------------------------------------------------ presets
     def set_preset(self, name: str) -> None:
@@ -222,9 +277,22 @@ class TrainWidget(JobWidget):
         try:
             config = self.config()
             config.validate()
+            initial = self.initial_network()
         except (SPoDInputError, TypeError, ValueError) as exc:
             self.refuse(f"settings: {error_message(exc)}")
             return None
+        if initial is not None:
+            if config.schedule != "end-to-end":
+                self.refuse(f"fine-tuning needs an end-to-end preset (quick or standard), not '{self.settings.preset}'.")
+                return None
+            if tuple(initial.psf_shape) != tuple(psf.shape):
+                self.refuse(f"the network to fine-tune was trained with a {initial.psf_shape[0]} x "
+                            f"{initial.psf_shape[1]} PSF; '{psf_layer.name}' is {psf.shape[0]} x {psf.shape[1]}.")
+                return None
+            # the network's own layer count, λ and schedule form; the rates a fifth of the preset's
+            config = replace(config, architecture=initial.architecture, n_layers=initial.n_layers, lam=initial.lam,
+                             parameterization=initial.parameterization, noise_adaptive=initial.noise_adaptive,
+                             ).with_rates_scaled(FINE_TUNE_RATE)
         observations = [layer.data for layer in layers]
         self._sources = [layer.name for layer in layers]
         self._epoch_count = 0
@@ -235,7 +303,7 @@ class TrainWidget(JobWidget):
         self._job = Job(self, title="Training", on_progress=self._on_progress, on_result=self._on_result,
                         on_cancelled=self._on_cancelled, on_error=self._on_error, on_finished=self._on_finished)
         return self._job.start_generator(_train_work, observations, psf, config,
-                                         self.device_picker.device(), n)
+                                         self.device_picker.device(), n, initial)
 
     def _on_progress(self, items) -> None:
         for p in items:
