@@ -16,8 +16,8 @@ learned in log space (``parameterization="log"``) with their own learning rate
 (``schedule="end-to-end"`` or ``"layerwise+end-to-end"``, ``e2e_epochs``, cosine-decayed
 rate), optionally with per-layer (deep) supervision, on fresh random crops every epoch
 (``fresh_crops``), and the layers may back-project with their own, untied filters
-(``untied``). The presets ``fast`` and ``standard`` use that recipe; ``paper`` and
-``quick-paper`` keep the paper's layer-wise Algorithm 1 exactly.
+(``untied``). The presets ``quick`` and ``standard`` use that recipe; ``paper`` and
+``quick-layerwise`` keep the paper's layer-wise Algorithm 1 exactly.
 
 Progress reports "worth N FISTA iterations" (:attr:`TrainingProgress.fista_equivalent`):
 the number of FISTA iterations (with restart, same lambda, same normalised crops) needed
