@@ -91,6 +91,10 @@ def test_fine_tune_the_shipped_model(data_dir, tmp_path, capsys):
     other = tmp_path / "other.safetensors"
     assert cli.main([*args, "-o", str(other), "--psf", str(gaussian), "--fine-tune", str(model)]) != 0
     assert "another PSF" in capsys.readouterr().err and not other.exists()
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\xff" * 300)
+    assert cli.main([*args, "-o", str(other), "--fine-tune", str(broken)]) == 2
+    assert "not a napari-spodnet checkpoint" in capsys.readouterr().err and not other.exists()
 
 
 def test_recover_with_the_shipped_model(data_dir, tmp_path):
