@@ -100,7 +100,7 @@ def run(args) -> dict:
     psfs = {"gaussian 7 px" if quick else "default Airy": gaussian_psf(7, 1.2) if quick else default_psf()}
     if not quick:
         psfs["gaussian sigma 2.5"] = gaussian_psf(32, 2.5)
-    families = ("simulate", "clusters") if quick else ("simulate", "clusters", "membranes", "branching")
+    families = ("simulate", "clusters") if quick else ("simulate", "clusters", "membranes", "branching", "textures")
     photons = (200.0,) if quick else PHOTONS
     threads = (1,) if quick else tuple(args.threads)
     n_iter = 40 if quick else args.fista_iterations

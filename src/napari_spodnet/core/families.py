@@ -10,6 +10,9 @@ trained on those. The families here are *held out*: no training script uses them
   tangent to the edge; several nested or overlapping ones.
 * ``"branching"``: tree-like networks: short, slightly curved segments that fork at random,
   as in neurites or actin branches.
+* ``"textures"``: textured patches: discs 16-40 px across filled with many short straight
+  fibres (3-8 px) sharing a local orientation with some spread, as in an actin meshwork or
+  aligned fibrils seen below the resolution limit.
 
 Every function returns a :class:`~napari_spodnet.core.simulate.SimulatedObservation` with
 the same camera model, units and PSF conventions as :func:`simulate` (the brightest pixel
@@ -27,7 +30,7 @@ from .simulate import (SimulatedObservation, _blur_and_scale, _camera, _check_co
 
 __all__ = ["FAMILIES", "simulate_family"]
 
-FAMILIES = ("clusters", "membranes", "branching")
+FAMILIES = ("clusters", "membranes", "branching", "textures")
 
 
 def _clusters(rng, h, w, c, area_scale):
@@ -107,7 +110,26 @@ def _grow_tree(rng, h, w, c):
     return image, segments
 
 
-_RENDERERS = {"clusters": _clusters, "membranes": _membranes, "branching": _branching}
+def _textures(rng, h, w, c, area_scale):
+    n_patches = max(3, int(round(12 * area_scale)))
+    image = np.zeros((c, h, w))
+    for _ in range(n_patches):
+        centre = rng.uniform([0.1 * h, 0.1 * w], [0.9 * h, 0.9 * w])
+        radius = rng.uniform(8.0, 20.0)
+        orientation = rng.uniform(0, np.pi)
+        brightness = rng.uniform(0.3, 0.8)
+        for _ in range(int(radius ** 2 / 5)):
+            r, a = radius * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
+            mid = centre + r * np.array([np.sin(a), np.cos(a)])
+            angle = orientation + rng.normal(0.0, 0.25)
+            half = 0.5 * rng.uniform(3.0, 8.0) * np.array([-np.sin(angle), np.cos(angle)])
+            pts = np.clip(np.stack([mid - half, mid + half]), 0, [h - 1, w - 1])
+            if np.hypot(*(pts[1] - pts[0])) > 1.0:
+                image += render_filament(pts, (h, w), c, intensity=brightness)
+    return image
+
+
+_RENDERERS = {"clusters": _clusters, "membranes": _membranes, "branching": _branching, "textures": _textures}
 
 
 def simulate_family(family: str, shape=(256, 256), n_channels: int = 18, psf=None, seed: int | None = 0,
