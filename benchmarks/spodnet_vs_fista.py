@@ -53,6 +53,7 @@ SHIPPED = ROOT / "src" / "napari_spodnet" / "models" / "default.safetensors"
 PREVIOUS = ROOT / "tests" / "data" / "default_model_v0.safetensors"
 SESSION12 = ROOT / "tests" / "data" / "default_model_v1.safetensors"
 SESSION13 = ROOT / "tests" / "data" / "default_model_v2.safetensors"
+SESSION15 = ROOT / "tests" / "data" / "default_model_v3.safetensors"
 PHOTONS = (50.0, 200.0, 1000.0)
 PSNR_ITERATIONS = (10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 1200)
 
@@ -126,7 +127,10 @@ def run(args) -> dict:
             for label, path in (("first shipped model (tied, layer-wise, multipliers)", PREVIOUS),
                                 ("session-12 model (log schedule, untied, no preconditioner)", SESSION12),
                                 ("session-13 model (standard recipe, 150 epochs)", SESSION13),
-                                ("shipped default (standard: preconditioned, log schedule, end-to-end, 300 epochs)", SHIPPED)):
+                                ("session-15 model (standard: preconditioned, log schedule, end-to-end, 300 epochs)",
+                                 SESSION15),
+                                ("shipped default (session-15 model fine-tuned 60 epochs, half the data clusters)",
+                                 SHIPPED)):
                 if path.is_file():
                     net = load_checkpoint(path)
                     variants[label] = (net, float(net.metadata.get("training", {}).get("seconds", float("nan"))))

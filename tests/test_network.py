@@ -545,21 +545,25 @@ def test_shipped_model_of_session_12_still_loads():
     assert x.shape == (C, 71, 71) and torch.isfinite(x).all()
 
 
-def test_shipped_model_of_session_13_still_loads():
-    """The default model shipped before the 300-epoch schedule; same recipe, so it recovers like the new one."""
+def test_shipped_models_of_sessions_13_and_15_still_load():
+    """The default models shipped before (150 and 300 epochs of the standard recipe) load and recover; the
+    shipped one is the session-15 model fine-tuned, and says so."""
     from pathlib import Path
 
     from napari_spodnet.core.checkpoint import load_checkpoint
     from napari_spodnet.core.recover import DEFAULT_MODEL_PATH
 
-    old = load_checkpoint(Path(__file__).parent / "data" / "default_model_v2.safetensors")
+    v2 = load_checkpoint(Path(__file__).parent / "data" / "default_model_v2.safetensors")
+    v3 = load_checkpoint(Path(__file__).parent / "data" / "default_model_v3.safetensors")
     new = load_checkpoint(DEFAULT_MODEL_PATH)
-    assert old.preconditioned and old.metadata["training"]["config"]["epochs"] == 150
-    assert new.metadata["training"]["config"]["epochs"] == 300
+    assert v2.preconditioned and v2.metadata["training"]["config"]["epochs"] == 150
+    assert v3.preconditioned and v3.metadata["training"]["config"]["epochs"] == 300
+    assert new.metadata["fine_tuned_from"]["seconds"] == v3.metadata["training"]["seconds"]
+    assert new.metadata["training_data"] == "half-clusters"
     y = torch.rand(C, 40, 40, generator=torch.Generator().manual_seed(0))
-    x_old, x_new = old.recover(y), new.recover(y)
-    assert x_old.shape == x_new.shape == (C, 71, 71) and torch.isfinite(x_old).all()
-    assert not torch.equal(x_old, x_new)
+    outputs = [net.recover(y) for net in (v2, v3, new)]
+    assert all(x.shape == (C, 71, 71) and torch.isfinite(x).all() for x in outputs)
+    assert not torch.equal(outputs[0], outputs[2]) and not torch.equal(outputs[1], outputs[2])
 
 
 @pytest.mark.parametrize("options", [dict(), dict(untied=True), dict(preconditioned=True), dict(n_harmonics=2)],

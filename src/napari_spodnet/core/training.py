@@ -218,8 +218,8 @@ PRESETS = {
 PRESET_DESCRIPTIONS = {
     "quick": "Preconditioned end-to-end recipe (log-space steps, thresholds, momenta, Wiener-like step), "
              "300 steps of 4 crops of 64 px: about 3 min on 2 CPU cores; worth about 90-130 FISTA iterations.",
-    "standard": "The shipped model's recipe: the same, 1 200 steps of 8 crops of 64 px: about 14 min on 2 CPU "
-                "cores; worth about 130 FISTA iterations (median on held-out families).",
+    "standard": "The recipe of the shipped model's first stage: the same, 1 200 steps of 8 crops of 64 px: about "
+                "14 min on 2 CPU cores; worth about 130 FISTA iterations (median on held-out families).",
     "untied": "The previous (session 12) recipe: untied back-projection filters, no preconditioner, 400 steps: "
               "about 4-8 min; worth about 30-60 FISTA iterations.",
     "quick-layerwise": "The paper's layer-wise Algorithm 1 on a short schedule (the package's former quick "
