@@ -218,6 +218,7 @@ def test_fine_tune_a_session_model(make_napari_viewer, qtbot, sim, notifications
     w = TrainWidget(viewer)
     qtbot.addWidget(w)
     _tiny_training(w)
+    assert "quick recipe" in w.preset_description.text()  # "custom" says what it is built on
     w.start_button.click()
     _wait_done(qtbot, w)
     first, first_name = w.model, w.model_name

@@ -210,7 +210,10 @@ class TrainWidget(JobWidget):
         self._show_preset_description()
 
     def _show_preset_description(self) -> None:
-        self.preset_description.setText(PRESET_DESCRIPTIONS.get(self.preset_combo.currentData(), ""))
+        name = self.preset_combo.currentData()
+        # config() builds "custom" on the quick recipe: say so rather than leave the line empty
+        custom = "Your own learning rate, epochs, batch size, crops and crop size on the quick recipe (end to end)."
+        self.preset_description.setText(PRESET_DESCRIPTIONS.get(name, custom if name == "custom" else ""))
 
     def _apply_preset(self, name) -> None:
         if name not in PRESETS:
