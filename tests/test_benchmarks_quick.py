@@ -97,8 +97,9 @@ def test_spodnet_vs_fista_quick(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     result = module.main(["--quick", "--out", str(tmp_path)])
-    assert len(result["variants"]) == 3 and len(result["cases"]) == 2  # three recipes trained on one PSF
+    assert len(result["variants"]) == 4 and len(result["cases"]) == 2  # four recipes trained on one PSF
     assert any("supervised" in key for key in result["variants"])
+    assert any("fine-tuned" in key for key in result["variants"])  # the shipped model's two-stage recipe
     for case in result["cases"]:
         assert np.isfinite(case["fista_best_psnr"])
         for row in case["networks"].values():
