@@ -150,6 +150,8 @@ def main(argv=None) -> None:
         if args.teacher_iterations:
             truths, val_truths = ([teacher(s.observation, psf, args.teacher_iterations, config.lam) for s in group]
                                   for group in (sims, validation))
+    if args.teacher_iterations and not args.truth_weight:
+        parser.error("--teacher-iterations needs --truth-weight (the weight of the distillation term)")
     if args.init and args.init.resolve() == args.out.resolve():
         parser.error("--out may not be the checkpoint given to --init (it would be overwritten)")
     initial = load_checkpoint(args.init) if args.init else None
@@ -183,7 +185,8 @@ def main(argv=None) -> None:
             "file": args.init.name, "description": initial.metadata.get("description"),
             "training_data": initial.metadata.get("training_data"), "seconds": before.get("seconds"),
             "preset": initial.metadata.get("preset")}, lr_scale=args.lr_scale,
-            description=f"{initial.metadata.get('description')}; then fine-tuned end to end at {args.lr_scale:g}x "
+            description=f"{initial.metadata.get('description') or 'a trained SPoD-Net'}; then fine-tuned end to end "
+                        f"at {args.lr_scale:g}x "
                         f"the rates on synthetic {data}")
     path = save_checkpoint(net.cpu(), args.out)
     print(f"wrote {path} ({path.stat().st_size / 1024:.1f} kB) after {trainer.history[-1].elapsed:.0f} s")

@@ -91,6 +91,12 @@ def test_fine_tune_the_shipped_model(data_dir, tmp_path, capsys):
     other = tmp_path / "other.safetensors"
     assert cli.main([*args, "-o", str(other), "--psf", str(gaussian), "--fine-tune", str(model)]) != 0
     assert "another PSF" in capsys.readouterr().err and not other.exists()
+    # a model of the user's own (2 layers, trained here) is fine-tuned as it is: its layer count is kept
+    small = tmp_path / "small.safetensors"
+    assert cli.main([*args, "-o", str(small), "--layers", "2"]) == 0
+    assert cli.main([*args, "-o", str(tmp_path / "small2.safetensors"), "--fine-tune", str(small)]) == 0
+    small2 = load_checkpoint(tmp_path / "small2.safetensors")
+    assert small2.n_layers == 2 and small2.metadata["training"]["fine_tuned_from"]["name"] == "small"
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\xff" * 300)
     assert cli.main([*args, "-o", str(other), "--fine-tune", str(broken)]) == 2

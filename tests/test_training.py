@@ -483,16 +483,38 @@ def test_fine_tuning_starts_from_the_given_network(observations, psf):
     assert history[-1].stage == "done"
 
 
-def test_fine_tuning_rejects_a_network_that_does_not_fit(observations, psf):
-    base, _ = train_spodnet(observations, psf, preset="quick", device="cpu", **E2E_TINY)
-    with pytest.raises(SPoDInputError, match="n_layers"):
-        train_spodnet(observations, psf, preset="quick", device="cpu", initial=base, **{**E2E_TINY, "n_layers": 4})
+def test_fine_tuning_adopts_the_network_and_rejects_what_does_not_fit(observations, psf):
+    base, _ = train_spodnet(observations, psf, preset="quick", device="cpu", **{**E2E_TINY, "momentum": False})
+    # the network's structure wins over the preset's: the record describes the network trained
+    trainer = Trainer(observations, psf, TrainingConfig.preset("quick", **{**E2E_TINY, "n_layers": 5, "epochs": 1}),
+                      device="cpu", initial=base)
+    assert (trainer.config.n_layers, trainer.config.momentum) == (3, False)
+    tuned = trainer.run()
+    assert tuned.n_layers == 3 and not tuned.momentum
+    record = tuned.metadata["training"]
+    assert record["config"]["n_layers"] == 3 and not record["config"].get("momentum", False)  # only non-defaults
+    assert record["fine_tuned_from"]["seconds"] == base.metadata["training"]["seconds"]
     with pytest.raises(SPoDInputError, match="end-to-end"):
         train_spodnet(observations, psf, preset="quick-layerwise", device="cpu", initial=base, **E2E_TINY)
     with pytest.raises(SPoDInputError, match="another PSF"):
         train_spodnet(observations, gaussian_psf(9, 1.0), preset="quick", device="cpu", initial=base, **E2E_TINY)
     with pytest.raises(SPoDInputError, match="PSF"):
         train_spodnet(observations, gaussian_psf(7), preset="quick", device="cpu", initial=base, **E2E_TINY)
+
+
+def test_fine_tuning_never_returns_a_worse_network(observations, psf):
+    """At a rate that wrecks the schedule, the network as given is what comes back (it was best)."""
+    base, _ = train_spodnet(observations, psf, preset="quick", device="cpu", **E2E_TINY)
+    trainer = Trainer(observations, psf, TrainingConfig.preset("quick", **{**E2E_TINY, "epochs": 2, "scalar_lr": 3.0}),
+                      device="cpu", initial=base)
+    tuned = trainer.run()
+    assert trainer.restores >= 1  # the wrecking rate made the validation loss rise above the network's own
+    for a, b in zip(_params(base), _params(tuned)):
+        torch.testing.assert_close(a, b)
+    # cancelled before the first epoch: the copy of the network as given, not an error
+    cancelled = Trainer(observations, psf, TrainingConfig.preset("quick", **E2E_TINY), device="cpu", initial=base)
+    net = cancelled.run(lambda update: True)
+    assert net.metadata["training"]["cancelled"] is True and net.n_layers == base.n_layers
 
 
 # -- bounded excursions of the intermediate layers --------------------------------------------------
@@ -528,7 +550,8 @@ def test_excursion_bound_trains_and_is_validated(observations, psf):
                                  **{**E2E_TINY, "excursion_bound": 0.3})
     assert history[-1].stage == "done" and net.metadata["training"]["config"]["excursion_bound"] == 0.3
     for bad in (dict(excursion_bound=-1.0), dict(excursion_bound=0.3, deep_supervision=0.5),
-                dict(excursion_bound=0.3, schedule="layerwise")):
+                dict(excursion_bound=0.3, schedule="layerwise"), dict(excursion_bound=0.3, log_loss=True),
+                dict(excursion_bound=0.3, schedule="layerwise+end-to-end", e2e_epochs=1)):
         with pytest.raises(SPoDInputError, match="excursion_bound"):
             train_spodnet(observations, psf, preset="quick", device="cpu", **{**E2E_TINY, **bad})
 

@@ -428,8 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-momentum", action="store_true",
                    help="train the paper's network, without learned FISTA momentum between layers")
     p.add_argument("--fine-tune", default=None, metavar="MODEL",
-                   help="start from this checkpoint ('default': the shipped model) instead of FISTA steps, at "
-                        "a fifth of the preset's rates; needs the same PSF and an end-to-end preset (quick, standard)")
+                   help="start from this checkpoint ('default': the shipped model) instead of FISTA steps; its "
+                        "layers, λ, α and momentum are kept, every rate (also --lr) is a fifth of the preset's; "
+                        "needs the model's PSF and an end-to-end preset (quick, standard)")
     common(p)
     p.set_defaults(func=cmd_train)
 

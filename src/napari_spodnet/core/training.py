@@ -166,9 +166,11 @@ class TrainingConfig:
             (self.filter_lr is None or self.filter_lr >= 0, "filter_lr must be >= 0"),
             (0 <= self.deep_supervision < 1, "deep_supervision must be in [0, 1)"),
             (self.excursion_bound >= 0, "excursion_bound must be >= 0"),
-            (self.excursion_bound == 0 or (self.loss == "unsupervised" and self.schedule != "layerwise"
-                                           and self.deep_supervision == 0 and self.truth_weight == 0),
-             "excursion_bound needs the unsupervised end-to-end schedule without deep supervision or truth_weight"),
+            (self.excursion_bound == 0 or (self.loss == "unsupervised" and self.schedule == "end-to-end"
+                                           and self.deep_supervision == 0 and self.truth_weight == 0
+                                           and not self.log_loss and self.objective_power == 1),
+             "excursion_bound needs the unsupervised end-to-end schedule with the plain mean objective (no deep "
+             "supervision, truth_weight, log_loss or objective_power)"),
             (self.equivalent_iterations >= 0, "equivalent_iterations must be >= 0"),
             (not self.untied or self.architecture == "spodnet", "untied filters need the spodnet architecture"),
             (not self.preconditioned or (self.architecture == "spodnet" and self.orientation == "harmonic"),
@@ -412,6 +414,9 @@ class Trainer:
         self._loss_scale = None  # (objective, truth error) of the untrained network: the mixed loss's units
         self.flips = self.config.flips and _psf_is_mirror_symmetric(self.psf)
         self.initial = None if initial is None else self._check_initial(initial)
+        self._initial_record = None if initial is None else {
+            "name": initial.metadata.get("name"), "description": initial.metadata.get("description"),
+            "seconds": (initial.metadata.get("training") or {}).get("seconds")}
         self._cancel = False
         self.restores = 0  # end-to-end stage: times the best state was restored after a rise
         self.net: UnrolledISTA | None = None
@@ -429,11 +434,20 @@ class Trainer:
     def best_model(self) -> UnrolledISTA | None:
         return None if self.best_state is None else self.best_state[1]
 
+    #: TrainingConfig fields a network to fine-tune brings with it (its structure): the training adopts them
+    _STRUCTURE = ("architecture", "n_layers", "lam", "alpha", "threshold", "momentum", "parameterization",
+                  "noise_adaptive", "orientation", "n_harmonics", "untied", "preconditioned")
+
     def _check_initial(self, initial: UnrolledISTA) -> UnrolledISTA:
-        """A private copy of the network to fine-tune (warm start), after checking it fits this training."""
+        """A private copy of the network to fine-tune (warm start), after checking it fits this training.
+
+        The network's structure (layers, lam, threshold, momentum, parameterisation, filters) replaces
+        the preset's in ``self.config``, so that the checkpoint's training record describes the network.
+        """
         cfg = self.config
         if cfg.schedule != "end-to-end":
-            raise SPoDInputError("Fine-tuning a trained network needs the end-to-end schedule.")
+            raise SPoDInputError("Fine-tuning a trained network needs the end-to-end schedule (presets quick, "
+                                 "standard, untied).")
         if tuple(initial.psf_shape) != self.psf.shape or initial.n_channels != self.n_channels:
             raise SPoDInputError(f"The network to fine-tune was made for a {tuple(initial.psf_shape)} PSF and "
                                  f"{initial.n_channels} channels; this training has {self.psf.shape} and "
@@ -441,15 +455,15 @@ class Trainer:
         if not np.allclose(initial.psf.detach().cpu().numpy(), self.psf, rtol=1e-3, atol=1e-6):
             raise SPoDInputError("The network to fine-tune was trained with another PSF; train a new one for "
                                  "this PSF instead.")
-        mismatched = [name for name, value in (("architecture", cfg.architecture), ("n_layers", cfg.n_layers),
-                                               ("lam", cfg.lam),
-                                               ("parameterization", cfg.parameterization),
-                                               ("noise_adaptive", cfg.noise_adaptive))
-                      if getattr(initial, name) != value]
-        if mismatched:
-            raise SPoDInputError("The network to fine-tune differs from the training settings in "
-                                 + ", ".join(f"{n} ({getattr(initial, n)!r} against {getattr(cfg, n)!r})"
-                                             for n in mismatched) + ".")
+        structure = {name: getattr(initial, name) for name in self._STRUCTURE if hasattr(initial, name)}
+        if structure.get("threshold") != "lst":
+            structure.pop("alpha", None)  # the network stores 0 for a plain soft threshold
+        try:
+            adopted = replace(cfg, **structure)
+            adopted.validate()
+        except (SPoDInputError, TypeError, ValueError) as exc:
+            raise SPoDInputError(f"This network cannot be fine-tuned with these settings: {exc}") from exc
+        self.config = adopted
         return copy.deepcopy(initial).to(self.device)
 
     def _new_network(self) -> UnrolledISTA:
@@ -589,6 +603,11 @@ class Trainer:
                                  np.random.default_rng(cfg.seed + 1), False)
         self._fista_history = self._fista_reference(val)
         net = self.net = self._new_network() if self.initial is None else self.initial
+        if self.initial is not None:
+            # The network as given competes for "best": fine-tuning never hands back a worse one, and a
+            # cancel before the first epoch returns it unchanged.
+            with torch.no_grad():
+                self._remember(net, float(self._loss(net, val, val_targets, cfg.n_layers)))
         steps_per_epoch = max(1, int(np.ceil(cfg.n_crops / cfg.batch_size)))
         layerwise = cfg.schedule != "end-to-end"
         end_to_end = cfg.schedule != "layerwise"
@@ -715,7 +734,8 @@ class Trainer:
     def _finish(self, start: float, cancelled: bool) -> UnrolledISTA:
         if cancelled and self.best_state is None:
             raise TrainingError("Training was cancelled before any layer was trained; nothing to keep.")
-        net = self.best_state[1] if cancelled else self.net
+        # fine-tuning returns the best on the validation crops (the network as given, if nothing beat it)
+        net = self.best_state[1] if cancelled or self.initial is not None else self.net
         net = net.eval()
         last = self.history[-1] if self.history else None
         # Only what differs from the defaults (the paper's schedule): checkpoints stay small.
@@ -738,6 +758,8 @@ class Trainer:
                 "restores": self.restores,
             },
         }
+        if self._initial_record is not None:
+            net.metadata["training"]["fine_tuned_from"] = self._initial_record
         self.history.append(TrainingProgress(net.n_layers, self.config.n_layers, "done", 0, 0,
                                              last.train_loss if last else float("nan"),
                                              self.best_state[0] if self.best_state else float("nan"),
@@ -756,10 +778,13 @@ def train_spodnet(observations, psf, lam: float = DEFAULT_LAMBDA, preset: str = 
     psf : (a, b) array. preset : ``"quick"`` or ``"paper"``; ``overrides`` change any
     :class:`TrainingConfig` field. callback(progress) may return True to cancel (the best
     model so far is returned). history : list of :class:`TrainingProgress`.
-    initial : a trained network (same PSF, layers and lam) to fine-tune instead of starting
-    from FISTA steps; end-to-end schedules only. It is copied, never changed. A learned
-    schedule sits near the edge of stability, so fine-tune at a fraction of the preset's rates
-    (``scalar_lr``): at the full rate a few steps can undo it.
+    initial : a trained network (same PSF) to fine-tune instead of starting from FISTA steps;
+    end-to-end schedules only. It is copied, never changed; its structure (layers, lam,
+    threshold, momentum, filters) replaces the preset's, and the best network on the validation
+    crops is returned (the one given, if training did not beat it). A learned schedule sits near
+    the edge of stability, so fine-tune at a fraction of the preset's rates
+    (``TrainingConfig.with_rates_scaled(FINE_TUNE_RATE)``; the CLI and the widget do): at the full
+    rate a few steps can undo it.
     """
     config = TrainingConfig.preset(preset, lam=lam, **overrides)
     trainer = Trainer(observations, psf, config, device=device, n_channels=n_channels,
