@@ -175,29 +175,35 @@ class TrainWidget(JobWidget):
             return
         self.start_from_combo.blockSignals(True)
         self.start_from_combo.clear()
-        self.start_from_combo.addItems([_NEW_NETWORK, _SHIPPED, *(f"fine-tune '{name}'" for name in self.registry.names())])
+        self.start_from_combo.addItem(_NEW_NETWORK, None)
+        self.start_from_combo.addItem(_SHIPPED, ("shipped", None))
+        for name in self.registry.names():
+            self.start_from_combo.addItem(f"fine-tune '{name}'", ("registry", name))
         index = self.start_from_combo.findText(current)
         self.start_from_combo.setCurrentIndex(max(index, 0))
         self.start_from_combo.blockSignals(False)
 
-    def _on_start_from_chosen(self, index: int) -> None:
+    def _on_start_from_chosen(self, _index: int) -> None:
         # a network to fine-tune brings its own layer count, λ and momentum
+        new = self.start_from_combo.currentData() is None
         for spin in (self.n_layers_spin, self.lam_spin, self.alpha_spin, self.momentum_check):
-            spin.setEnabled(index <= 0)
+            spin.setEnabled(new)
 
     def initial_network(self):
         """The network to fine-tune (None: a new one); raises SPoDInputError when it cannot be had."""
-        choice = self.start_from_combo.currentIndex()
-        if choice <= 0:
+        choice = self.start_from_combo.currentData()
+        if choice is None:
             return None
-        if choice == 1:
+        if choice[0] == "shipped":
             from ..core.checkpoint import load_checkpoint
             from ..core.recover import DEFAULT_MODEL_PATH
 
             if not DEFAULT_MODEL_PATH.is_file():
                 raise SPoDInputError("this installation has no shipped model; start from a new network.")
             return load_checkpoint(DEFAULT_MODEL_PATH)
-        entry = self.registry.get(self.registry.names()[choice - 2])
+        entry = self.registry.get(choice[1])
+        if entry is None:
+            raise SPoDInputError(f"the model '{choice[1]}' is no longer in this session; choose another one.")
         return entry.net
 
     # ------------------------------------------------------------------ presets
@@ -292,10 +298,8 @@ class TrainWidget(JobWidget):
                 self.refuse(f"the network to fine-tune was trained with a {initial.psf_shape[0]} x "
                             f"{initial.psf_shape[1]} PSF; '{psf_layer.name}' is {psf.shape[0]} x {psf.shape[1]}.")
                 return None
-            # the network's own layer count, λ and schedule form; the rates a fifth of the preset's
-            config = replace(config, architecture=initial.architecture, n_layers=initial.n_layers, lam=initial.lam,
-                             parameterization=initial.parameterization, noise_adaptive=initial.noise_adaptive,
-                             ).with_rates_scaled(FINE_TUNE_RATE)
+            # the rates a fifth of the preset's; the Trainer adopts the network's structure (layers, λ, ...)
+            config = config.with_rates_scaled(FINE_TUNE_RATE)
         observations = [layer.data for layer in layers]
         self._sources = [layer.name for layer in layers]
         self._epoch_count = 0
