@@ -119,6 +119,10 @@ def main(argv=None) -> None:
     parser.add_argument("--intensity-jitter", type=float, default=0.0,
                         help="scale training crops by exp(U(-j, j)) (TrainingConfig.intensity_jitter)")
     args = parser.parse_args(argv)
+    if args.teacher_iterations and not args.truth_weight:
+        parser.error("--teacher-iterations needs --truth-weight (the weight of the distillation term)")
+    if args.init and args.init.resolve() == args.out.resolve():
+        parser.error("--out may not be the checkpoint given to --init (it would be overwritten)")
     torch.set_num_threads(args.threads)
 
     psf = default_psf()
@@ -152,10 +156,6 @@ def main(argv=None) -> None:
         if args.teacher_iterations:
             truths, val_truths = ([teacher(s.observation, psf, args.teacher_iterations, config.lam) for s in group]
                                   for group in (sims, validation))
-    if args.teacher_iterations and not args.truth_weight:
-        parser.error("--teacher-iterations needs --truth-weight (the weight of the distillation term)")
-    if args.init and args.init.resolve() == args.out.resolve():
-        parser.error("--out may not be the checkpoint given to --init (it would be overwritten)")
     initial = load_checkpoint(args.init) if args.init else None
     trainer = Trainer([s.observation for s in sims], psf, config, device=args.device,
                       validation_observations=[s.observation for s in validation],
