@@ -8,7 +8,7 @@ The second form judges the given checkpoints (trained with the default PSF, e.g.
 
 For each PSF (the default Airy PSF and a Gaussian one), each structure family (held-out
 ``simulate`` seeds plus the families of ``core.families``; only ``clusters`` is used in any
-training, by the shipped model's second stage, and is judged on other seeds) and each
+training, by the dense stage and the shipped model's, and is judged on other seeds) and each
 photon count, one observation is normalised and recovered by FISTA (restart, same lambda) for
 ``--fista-iterations`` iterations, and by every network variant. Per variant and case:
 
@@ -24,11 +24,11 @@ Variants (architecture x training): the first shipped model (tied filters, layer
 session-12 model (log schedule, untied filters, no preconditioner), the session-13 and -15
 models (``standard``: preconditioned, end to end), the shipped default (the session-15 model
 fine-tuned with clusters in half the data), and, trained here on ``simulate`` data: the
-preconditioned ``quick`` recipe, the shipped model's two-stage recipe on a short schedule
-(``quick``, then 60 epochs at 0.2x the rates with every second observation from ``clusters``),
-the paper's layer-wise Algorithm 1 (``quick-layerwise``) and the ``quick`` recipe with the
-supervised loss (eq. 8) against FISTA-500 solutions (distillation). For the Gaussian PSF only
-``quick`` and the two-stage recipe are trained (with that PSF).
+preconditioned ``quick`` recipe (with its dense stage: 30 epochs with half the crops from simulated
+dense clusters, ``TrainingConfig.dense_stage_epochs``), the same without the dense stage, the
+paper's layer-wise Algorithm 1 (``quick-layerwise``) and the ``quick`` recipe with the supervised
+loss (eq. 8) against FISTA-500 solutions (distillation). For the Gaussian PSF only ``quick`` with
+and without the dense stage are trained (with that PSF).
 Writes ``spodnet_vs_fista.json`` and ``.md`` to ``--out``.
 """
 
@@ -50,7 +50,7 @@ from napari_spodnet.core.physics import SPoDOperator
 from napari_spodnet.core.preprocess import fit_normalization
 from napari_spodnet.core.simulate import default_psf, gaussian_psf, simulate
 from napari_spodnet.core.solvers import DEFAULT_LAMBDA, fista
-from napari_spodnet.core.training import FINE_TUNE_RATE, Trainer, TrainingConfig
+from napari_spodnet.core.training import Trainer, TrainingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src" / "napari_spodnet" / "models" / "default.safetensors"
@@ -81,19 +81,6 @@ def _train(psf, preset, overrides, n_obs, size, seed0=100):
     start = time.perf_counter()
     net = trainer.run()
     return net, time.perf_counter() - start
-
-
-def _train_two_stage(psf, overrides, n_obs, size, seed0=100):
-    """The shipped model's recipe on a short schedule: ``quick``, then fine-tuned (0.2x the rates, 60 epochs)
-    on as many observations again, every second one from the clusters family."""
-    base, first = _train(psf, "quick", overrides, n_obs, size, seed0)
-    mixed = [(simulate_family("clusters", (size, size), psf=psf, seed=seed0 + i, photons=PHOTONS[i % 3]) if i % 2 else
-              simulate((size, size), psf=psf, seed=seed0 + i, photons=PHOTONS[i % 3])).observation for i in range(n_obs)]
-    val = [simulate((size, size), psf=psf, seed=90 + i, photons=p).observation for i, p in enumerate(PHOTONS)]
-    config = TrainingConfig.preset("quick", **{"epochs": 60, **overrides}).with_rates_scaled(FINE_TUNE_RATE)
-    start = time.perf_counter()
-    net = Trainer(mixed, psf, config, device="cpu", validation_observations=val, initial=base).run()
-    return net, first + time.perf_counter() - start
 
 
 def _size_bytes(net) -> int:
@@ -151,21 +138,19 @@ def run(args) -> dict:
                 if path.is_file():
                     net = load_checkpoint(path)
                     variants[label] = (net, float(net.metadata.get("training", {}).get("seconds", float("nan"))))
-        trained = (("preconditioned end-to-end (quick)", "quick", {}),
-                   ("quick, then fine-tuned with clusters in half the data", "two-stage", {}),
+        trained = (("preconditioned end-to-end with the dense stage (quick)", "quick", {}),
+                   ("quick without the dense stage", "quick", dict(dense_stage_epochs=0)),
                    ("paper layer-wise (quick-layerwise)", "quick-layerwise", {}),
                    # Distillation (eq. 8): FISTA-500 solutions of fixed crops as targets, same recipe otherwise.
                    ("quick, supervised against FISTA-500 (eq. 8)", "quick",
-                    dict(loss="supervised", supervised_iterations=40 if quick else 500, fresh_crops=False)))
+                    dict(loss="supervised", supervised_iterations=40 if quick else 500, fresh_crops=False,
+                         dense_stage_epochs=0)))
         if checkpoints:
             trained = ()
         elif psf_name != next(iter(psfs)):
             trained = trained[:2]  # CPU budget: the other variants on the first PSF only
         for label, preset, extra in trained:
-            if preset == "two-stage":
-                variants[label] = _train_two_stage(psf, {**tiny, **extra}, train_obs, train_size)
-            else:
-                variants[label] = _train(psf, preset, {**tiny, **extra}, train_obs, train_size)
+            variants[label] = _train(psf, preset, {**tiny, **extra}, train_obs, train_size)
             print(f"[{psf_name}] trained {label} in {variants[label][1]:.0f} s", flush=True)
         op = SPoDOperator(psf)
         for family in families:
@@ -252,7 +237,7 @@ def _headline(results) -> list:
     """The variants of the per-case table: the shipped default and the recipes trained here."""
     keys = list(results["variants"])
     preferred = [k for k in keys if k.startswith(("shipped default", "preconditioned end-to-end",
-                                                  "quick, then fine-tuned", "paper layer-wise"))]
+                                                  "quick without", "paper layer-wise"))]
     return (preferred if preferred and not results["settings"].get("checkpoints") else keys)[:4]
 
 

@@ -109,6 +109,8 @@ def main(argv=None) -> None:
                         help="multiply the preset's learning rates (fine-tuning with --init wants a small one)")
     parser.add_argument("--excursion-bound", type=float, default=0.0,
                         help="penalise intermediate layers' objectives above this fraction of the zero image's")
+    parser.add_argument("--dense-epochs", type=int, default=None,
+                        help="epochs of the dense stage (TrainingConfig.dense_stage_epochs; default: the preset's)")
     parser.add_argument("--seed", type=int, default=None, help="training seed (crops, order; default: the preset's)")
     parser.add_argument("--noise-adaptive", action="store_true",
                         help="schedule linear in the measured noise level (TrainingConfig.noise_adaptive)")
@@ -130,7 +132,8 @@ def main(argv=None) -> None:
     validation = [simulate_family("clusters", (args.size, args.size), psf=psf, seed=90 + i, photons=p)
                   if args.data == "clusters" else simulate((args.size, args.size), psf=psf, seed=90 + i, photons=p)
                   for i, p in enumerate(PHOTONS)]
-    overrides = {k: v for k, v in (("n_layers", args.layers), ("epochs", args.epochs)) if v is not None}
+    overrides = {k: v for k, v in (("n_layers", args.layers), ("epochs", args.epochs),
+                                   ("dense_stage_epochs", args.dense_epochs)) if v is not None}
     if args.log_loss:
         overrides["log_loss"] = True
     if args.seed is not None:
@@ -176,7 +179,9 @@ def main(argv=None) -> None:
     net.metadata.update(name="default", description=f"{net.n_layers}-layer SPoD-Net (harmonic h, Wiener-like "
                         "preconditioned step, learned log-space step/threshold/"
                         "momentum/preconditioner schedule), trained end to end on synthetic "
-                        f"{data}, default Airy PSF (NA 1.2, 520 nm, 65 nm pixels)",
+                        f"{data}, default Airy PSF (NA 1.2, 520 nm, 65 nm pixels)"
+                        + (f"; then {config.dense_stage_epochs} epochs with half the crops from simulated dense "
+                           "puncta clusters" if trainer.config.dense_stage_epochs else ""),
                         script="scripts/train_default_model.py", preset=args.preset,
                         training_observations=args.observations, training_size=args.size,
                         training_data=args.data, log_loss=args.log_loss,

@@ -99,7 +99,7 @@ def test_spodnet_vs_fista_quick(tmp_path):
     result = module.main(["--quick", "--out", str(tmp_path)])
     assert len(result["variants"]) == 4 and len(result["cases"]) == 2  # four recipes trained on one PSF
     assert any("supervised" in key for key in result["variants"])
-    assert any("fine-tuned" in key for key in result["variants"])  # the shipped model's two-stage recipe
+    assert any("without the dense stage" in key for key in result["variants"])
     for case in result["cases"]:
         assert np.isfinite(case["fista_best_psnr"])
         for row in case["networks"].values():

@@ -93,7 +93,13 @@ def test_fine_tune_the_shipped_model(data_dir, tmp_path, capsys):
     assert "another PSF" in capsys.readouterr().err and not other.exists()
     # a model of the user's own (2 layers, trained here) is fine-tuned as it is: its layer count is kept
     small = tmp_path / "small.safetensors"
-    assert cli.main([*args, "-o", str(small), "--layers", "2"]) == 0
+    assert cli.main([*args, "-o", str(small), "--layers", "2", "--dense-epochs", "1"]) == 0
+    assert load_checkpoint(small).metadata["training"]["config"]["dense_stage_epochs"] == 1
+    assert tuned.metadata["training"]["config"].get("dense_stage_epochs", 0) == 0  # fine-tuning: none by default
+    # a dense stage needs an end-to-end preset: one clear line, nothing written
+    capsys.readouterr()
+    assert cli.main([*args, "-o", str(tmp_path / "x.safetensors"), "--preset", "paper", "--dense-epochs", "2"]) == 2
+    assert "dense" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
     assert cli.main([*args, "-o", str(tmp_path / "small2.safetensors"), "--fine-tune", str(small)]) == 0
     small2 = load_checkpoint(tmp_path / "small2.safetensors")
     assert small2.n_layers == 2 and small2.metadata["training"]["fine_tuned_from"]["name"] == "small"

@@ -392,7 +392,7 @@ def test_flip_needs_channel_mirror_for_physical_crops():
 # -- the end-to-end recipe (issue 10) -----------------------------------------------------------------
 
 E2E_TINY = dict(n_layers=3, n_crops=4, batch_size=2, crop_size=32, n_val_crops=2, epochs=3,
-                equivalent_iterations=40)
+                equivalent_iterations=40, dense_stage_epochs=0)
 
 
 def test_presets_are_described_and_valid():
@@ -638,3 +638,61 @@ def test_intensity_jitter_scales_training_crops_only(observations, psf, monkeypa
             assert train_peaks.std() > 0.2  # gains drawn per crop
     with pytest.raises(SPoDInputError):
         TrainingConfig.preset("quick", intensity_jitter=-1.0).validate()
+
+
+# -- the dense stage: simulated dense clusters with the training PSF ------------------------------
+
+def test_dense_stage_trains_on_simulated_clusters_with_the_training_psf(observations, psf, monkeypatch):
+    import napari_spodnet.core.families as families
+    import napari_spodnet.core.training as training
+
+    sims, rates = [], []
+    original_family, original_adam = families.simulate_family, torch.optim.Adam
+
+    def family_spy(family, shape, **kwargs):
+        sims.append((family, shape, kwargs))
+        return original_family(family, shape, **kwargs)
+
+    def adam_spy(groups, *args, **kwargs):
+        rates.append([g["lr"] for g in groups])
+        return original_adam(groups, *args, **kwargs)
+
+    monkeypatch.setattr(families, "simulate_family", family_spy)
+    monkeypatch.setattr(training.torch.optim, "Adam", adam_spy)
+    config = TrainingConfig.preset("quick", **{**E2E_TINY, "dense_stage_epochs": 2})
+    trainer = Trainer(observations, psf, config, device="cpu")
+    net = trainer.run()
+    assert [h.stage for h in trainer.history] == ["end-to-end"] * 3 + ["dense"] * 2 + ["done"]
+    np.testing.assert_allclose([h.fraction for h in trainer.history[:-1]], np.arange(1, 6) / 5)
+    assert all("dense epoch" in h.message and "FISTA iterations" in h.message for h in trainer.history[3:5])
+    # 3 training observations (2 given, at least 3) and 3 validation ones, all dense clusters with the
+    # training PSF, twice the crop size across, at the three photon levels in turn
+    assert len(sims) == 6 and {f for f, _, _ in sims} == {"clusters"} and {s for _, s, _ in sims} == {(64, 64)}
+    for _, _, kwargs in sims:
+        np.testing.assert_allclose(kwargs["psf"], trainer.psf)
+    assert [kw["photons"] for _, _, kw in sims[:3]] == [50.0, 200.0, 1000.0]
+    assert len({kw["seed"] for _, _, kw in sims}) == 6
+    # the stage runs at a fifth of the rates of the stage before it
+    assert len(rates) == 2 and rates[1] == pytest.approx([r * training.FINE_TUNE_RATE for r in rates[0]])
+    # what comes back is the best network on the stage's validation crops (its own and dense ones)
+    dense_losses = [h.val_loss for h in trainer.history if h.stage == "dense"]
+    assert net is trainer.best_state[1] and net.metadata["training"]["best_val_loss"] <= min(dense_losses)
+    assert net.metadata["training"]["config"]["dense_stage_epochs"] == 2
+
+
+def test_dense_stage_leaves_the_stage_before_it_unchanged(observations, psf):
+    _, plain = train_spodnet(observations, psf, preset="quick", device="cpu", **E2E_TINY)
+    _, dense = train_spodnet(observations, psf, preset="quick", device="cpu", **{**E2E_TINY, "dense_stage_epochs": 1})
+    assert [h.val_loss for h in dense[:3]] == [h.val_loss for h in plain[:3]]
+    assert dense[3].stage == "dense" and dense[3].val_loss != plain[2].val_loss  # other validation crops
+
+
+@pytest.mark.parametrize("bad", [dict(dense_stage_epochs=-1), dict(dense_stage_epochs=1, dense_fraction=0.0),
+                                 dict(dense_stage_epochs=1, dense_fraction=1.0),
+                                 dict(dense_stage_epochs=1, loss="supervised"),
+                                 dict(dense_stage_epochs=1.5)])
+def test_bad_dense_stage_settings(bad):
+    with pytest.raises(SPoDInputError, match="dense"):
+        TrainingConfig.preset("quick", **bad).validate()
+    with pytest.raises(SPoDInputError, match="dense"):
+        TrainingConfig.preset("quick-layerwise", dense_stage_epochs=1).validate()

@@ -113,6 +113,10 @@ def test_dock_all_widgets_and_settings_persist(make_napari_viewer, sim):
     later = TrainWidget(viewer)
     assert later.lam_spin.value() == pytest.approx(0.123)
     assert later.preset_combo.currentData() == "paper" and later.crop_spin.value() == 96
+    assert later.dense_spin.value() == 0  # the paper's Algorithm 1 has no dense stage
+    later.preset_combo.setCurrentIndex(later.preset_combo.findData("standard"))
+    assert later.dense_spin.value() == 60 and get_settings().preset == "standard"
+    assert later.config().dense_stage_epochs == 60
     later.epochs_spin.setValue(3)  # editing a preset value makes the preset "custom"
     assert get_settings().preset == "custom"
     assert later.device_picker.device() == get_settings().device
@@ -175,10 +179,11 @@ def test_data_widget_status_fix_preprocess_average(make_napari_viewer, qtbot, si
 
 def _tiny_training(widget, epochs=1):
     s = get_settings()
-    s.n_layers, s.epochs, s.n_crops, s.batch_size, s.crop_size = 2, epochs, 4, 2, 48
+    s.n_layers, s.epochs, s.n_crops, s.batch_size, s.crop_size, s.dense_stage_epochs = 2, epochs, 4, 2, 48, 2
     assert s.preset == "custom"
     cfg = widget.config()
-    assert (cfg.n_layers, cfg.epochs, cfg.n_crops, cfg.batch_size, cfg.crop_size) == (2, epochs, 4, 2, 48)
+    assert (cfg.n_layers, cfg.epochs, cfg.n_crops, cfg.batch_size, cfg.crop_size, cfg.dense_stage_epochs) == \
+        (2, epochs, 4, 2, 48, 2)
 
 
 def test_train_quick_then_save(make_napari_viewer, qtbot, sim, tmp_path):
@@ -232,6 +237,10 @@ def test_fine_tune_a_session_model(make_napari_viewer, qtbot, sim, notifications
     assert w.model is not first and w.model.n_layers == first.n_layers == 2
     assert all(torch.equal(a, b) for a, b in zip(before, first.parameters()))  # the session model is kept
     assert w.model.metadata["training"]["config"]["scalar_lr"] == pytest.approx(0.06 * 0.2)
+    assert first.metadata["training"]["config"]["dense_stage_epochs"] == 2
+    # fine-tuning adapts to the user's data: no dense stage (the field is greyed out)
+    assert w.model.metadata["training"]["config"].get("dense_stage_epochs", 0) == 0
+    assert not w.dense_spin.isEnabled()
     assert len(get_model_registry()) == 2
     # the shipped model was trained with the 32 x 32 Airy PSF: another PSF is refused before any work
     small = viewer.add_image(np.full((9, 9), 1 / 81, dtype=np.float32), name="psf 9")
@@ -538,3 +547,16 @@ def test_step_chain_runs_one_step_per_event_loop_turn(qtbot, notifications):
     chain.run_all()
     assert ran == [0] and done == [1, 2] and not chain.running
     assert any("broken step" in m for sev, m in notifications if sev == "error")
+
+
+def test_train_progress_names_the_stage(make_napari_viewer, qtbot, sim):
+    from napari_spodnet.core.training import TrainingProgress
+
+    viewer, obs, psf = _viewer_with_data(make_napari_viewer, sim)
+    w = TrainWidget(viewer)
+    qtbot.addWidget(w)
+    for stage, label in (("end-to-end", "all layers"), ("dense", "dense-structure stage"),
+                         ("step2", "layer 3/10 · step2")):
+        w._on_progress([TrainingProgress(3, 10, stage, 4, 30, 0.5, 0.25, 12.0, 0.5, "", fista_equivalent=87.0)])
+        text = w.progress.label.text()
+        assert text.startswith(f"{label} · epoch 4/30") and "worth 87 FISTA iterations" in text

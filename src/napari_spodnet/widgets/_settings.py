@@ -44,6 +44,7 @@ class SpodnetSettings:
     batch_size: int = PRESETS["quick"]["batch_size"]
     n_crops: int = PRESETS["quick"]["n_crops"]
     crop_size: int = PRESETS["quick"]["crop_size"]
+    dense_stage_epochs: int = PRESETS["quick"]["dense_stage_epochs"]
     # recovery
     tile: int = 0                      # 0: whole frames
     all_frames: bool = True

@@ -47,12 +47,21 @@ from ._pickers import DevicePicker, LayerListPicker, LayerPicker
 from ._plots import CurvePlot
 
 #: TrainingConfig fields a preset sets, and the settings (= widget fields) they fill
-_PRESET_FIELDS = ("lr", "epochs", "batch_size", "n_crops", "crop_size")
+_PRESET_FIELDS = ("lr", "epochs", "batch_size", "n_crops", "crop_size", "dense_stage_epochs")
 
 
 #: "start from" choices that are not session models
 _NEW_NETWORK = "new network (FISTA steps)"
 _SHIPPED = "fine-tune the shipped model"
+
+
+def _stage_label(p: TrainingProgress) -> str:
+    """Where a progress update is in the schedule, for the status line."""
+    if p.stage == "end-to-end":
+        return "all layers"
+    if p.stage == "dense":
+        return "dense-structure stage"
+    return f"layer {p.layer}/{p.n_layers} · {p.stage}"
 
 
 def _train_work(control, observations, psf, config: TrainingConfig, device: str, n_channels: int, initial=None):
@@ -64,6 +73,7 @@ def _train_work(control, observations, psf, config: TrainingConfig, device: str,
 
 
 class TrainWidget(JobWidget):
+    _applying_preset = False
     """Train a SPoD-Net on one or more observation layers; live loss curves; Stop keeps the best model."""
 
     job_title = "Training"
@@ -74,7 +84,6 @@ class TrainWidget(JobWidget):
         self.registry = get_model_registry()
         self.model = None
         self.model_name: str | None = None
-        self._applying_preset = False
         self._epoch_count = 0
 
         s = self.settings
@@ -110,6 +119,11 @@ class TrainWidget(JobWidget):
         self.batch_spin = self.binder.bind("batch_size", make_spin(1, 1024, s.batch_size, tooltip="Crops per batch."))
         self.crops_spin = self.binder.bind("n_crops", make_spin(1, 100000, s.n_crops,
                                                                 tooltip="Random training crops (N)."))
+        self.dense_spin = self.binder.bind("dense_stage_epochs", make_spin(
+            0, 100000, s.dense_stage_epochs,
+            tooltip="A last stage of this many epochs in which half the crops are simulated dense puncta clusters "
+                    "blurred with your PSF, at a fifth of the rates: keeps the network from failing on dense "
+                    "structure that your training data lack (0: none; not when fine-tuning)."))
         self.crop_spin = self.binder.bind("crop_size", make_spin(8, 4096, s.crop_size, step=8,
                                                                  tooltip="Observation crop size in pixels."))
         self.device_picker = DevicePicker(self.binder)
@@ -148,6 +162,7 @@ class TrainWidget(JobWidget):
         form.addRow("batch size", self.batch_spin)
         form.addRow("training crops", self.crops_spin)
         form.addRow("crop size", self.crop_spin)
+        form.addRow("dense-structure epochs", self.dense_spin)
         form.addRow("device", self.device_picker)
 
         layout = QVBoxLayout(self)
@@ -161,7 +176,8 @@ class TrainWidget(JobWidget):
         layout.addStretch(1)
 
         self.preset_combo.currentIndexChanged.connect(self._on_preset_chosen)
-        for spin in (self.lr_spin, self.epochs_spin, self.batch_spin, self.crops_spin, self.crop_spin):
+        for spin in (self.lr_spin, self.epochs_spin, self.batch_spin, self.crops_spin, self.crop_spin,
+                     self.dense_spin):
             spin.valueChanged.connect(self._on_field_edited)
         self.start_button.clicked.connect(self.toggle)
         self.save_button.clicked.connect(self._save_dialog)
@@ -186,7 +202,7 @@ class TrainWidget(JobWidget):
     def _on_start_from_chosen(self, _index: int) -> None:
         # a network to fine-tune brings its own layer count, λ and momentum
         new = self.start_from_combo.currentData() is None
-        for spin in (self.n_layers_spin, self.lam_spin, self.alpha_spin, self.momentum_check):
+        for spin in (self.n_layers_spin, self.lam_spin, self.alpha_spin, self.momentum_check, self.dense_spin):
             spin.setEnabled(new)
 
     def initial_network(self):
@@ -218,27 +234,31 @@ class TrainWidget(JobWidget):
     def _show_preset_description(self) -> None:
         name = self.preset_combo.currentData()
         # config() builds "custom" on the quick recipe: say so rather than leave the line empty
-        custom = "Your own learning rate, epochs, batch size, crops and crop size on the quick recipe (end to end)."
+        custom = ("Your own learning rate, epochs, batch size, crops, crop size and dense-structure epochs on the "
+                  "quick recipe (end to end).")
         self.preset_description.setText(PRESET_DESCRIPTIONS.get(name, custom if name == "custom" else ""))
 
     def _apply_preset(self, name) -> None:
         if name not in PRESETS:
             return
-        self._applying_preset = True
+        # shared by every Train widget: all of them see the fields change through the shared settings,
+        # and none may take the half-applied preset for a user's edit
+        TrainWidget._applying_preset = True
         try:
+            preset = TrainingConfig.preset(name)  # a field the preset leaves out takes the default
             for key in _PRESET_FIELDS:
-                if key in PRESETS[name]:
-                    setattr(self.settings, key, PRESETS[name][key])
+                setattr(self.settings, key, getattr(preset, key))
         finally:
-            self._applying_preset = False
+            TrainWidget._applying_preset = False
 
     def _on_field_edited(self, *_):
         if self._applying_preset:
             return
         preset = self.settings.preset
-        if preset in PRESETS and any(getattr(self.settings, k) != PRESETS[preset][k] for k in _PRESET_FIELDS
-                                     if k in PRESETS[preset]):
-            self.settings.preset = "custom"
+        if preset in PRESETS:
+            values = TrainingConfig.preset(preset)
+            if any(getattr(self.settings, k) != getattr(values, k) for k in _PRESET_FIELDS):
+                self.settings.preset = "custom"
 
     def config(self) -> TrainingConfig:
         """The TrainingConfig the current fields describe."""
@@ -298,8 +318,9 @@ class TrainWidget(JobWidget):
                 self.refuse(f"the network to fine-tune was trained with a {initial.psf_shape[0]} x "
                             f"{initial.psf_shape[1]} PSF; '{psf_layer.name}' is {psf.shape[0]} x {psf.shape[1]}.")
                 return None
-            # the rates a fifth of the preset's; the Trainer adopts the network's structure (layers, λ, ...)
-            config = config.with_rates_scaled(FINE_TUNE_RATE)
+            # a fifth of the preset's rates; the Trainer adopts the network's structure (layers, λ, ...). No
+            # dense stage: fine-tuning adapts the network to the user's own data.
+            config = replace(config.with_rates_scaled(FINE_TUNE_RATE), dense_stage_epochs=0)
         observations = [layer.data for layer in layers]
         self._sources = [layer.name for layer in layers]
         self._epoch_count = 0
@@ -323,7 +344,7 @@ class TrainWidget(JobWidget):
             self.plot.append("train", self._epoch_count, p.train_loss)
             self.plot.append("validation", self._epoch_count, p.val_loss)
             self.progress.set_fraction(p.fraction)
-            text = (f"layer {p.layer}/{p.n_layers} · {p.stage} · epoch {p.epoch}/{p.epochs} — "
+            text = (f"{_stage_label(p)} · epoch {p.epoch}/{p.epochs} — "
                     f"train {p.train_loss:.4g}, validation {p.val_loss:.4g} · {p.elapsed:.0f} s")
             worth = getattr(p, "fista_equivalent", None)  # set by newer core.training versions
             if worth is not None:
