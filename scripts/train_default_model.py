@@ -2,14 +2,20 @@
 
 The shipped model (session 17) is two runs of this script:
 
-    python scripts/train_default_model.py --out base.safetensors          # stage 1: standard, 300 epochs
-    python scripts/train_default_model.py --init base.safetensors --epochs 60 --lr-scale 0.2 \
+    python scripts/train_default_model.py --dense-epochs 0 --out base.safetensors    # stage 1: 300 epochs
+    python scripts/train_default_model.py --init base.safetensors --epochs 60 --lr-scale 0.2 --dense-epochs 0 \
         --data half-clusters --out src/napari_spodnet/models/default.safetensors      # stage 2: fine-tune
 
 Stage 1 is the session-15 shipped model, kept as ``tests/data/default_model_v3.safetensors``
 (835 s on one CPU thread); stage 2 took 139 s. ``--device cuda`` runs either on a GPU. (The shipped
 file was made before fine-tuning returned the network with the lowest validation loss rather than
 the last one; its validation loss fell at every report up to the last epoch.)
+
+Without ``--dense-epochs 0`` the ``standard`` preset ends with its dense stage (session 18: 60 epochs
+at 0.2x the rates with half the crops simulated dense clusters, validation likewise), the one-run
+equivalent of stage 2: ``python scripts/train_default_model.py --out X`` (888 s). It was not shipped:
+median 120 FISTA iterations on the held-out cases against the shipped model's 114, but 13 against
+58 on textures at 50 photons (docs/results.md, "Session 18").
 
 Stage 1 recipe: the ``standard`` preset (``core.training.PRESETS``): 10 layers starting as 10 FISTA steps with a
 Wiener-like Fourier preconditioner,

@@ -661,8 +661,13 @@ def test_dense_stage_trains_on_simulated_clusters_with_the_training_psf(observat
     monkeypatch.setattr(training.torch.optim, "Adam", adam_spy)
     config = TrainingConfig.preset("quick", **{**E2E_TINY, "dense_stage_epochs": 2})
     trainer = Trainer(observations, psf, config, device="cpu")
-    net = trainer.run()
+    updates = []
+    net = trainer.run(updates.append)
     assert [h.stage for h in trainer.history] == ["end-to-end"] * 3 + ["dense"] * 2 + ["done"]
+    # one more update announces the stage while the clusters are simulated (epoch 0, not in the history)
+    assert [(u.stage, u.epoch) for u in updates] == [("end-to-end", e) for e in (1, 2, 3)] + [
+        ("dense", e) for e in (0, 1, 2)]
+    assert "simulating dense clusters" in updates[3].message and updates[3].fraction == pytest.approx(3 / 5)
     np.testing.assert_allclose([h.fraction for h in trainer.history[:-1]], np.arange(1, 6) / 5)
     assert all("dense epoch" in h.message and "FISTA iterations" in h.message for h in trainer.history[3:5])
     # 3 training observations (2 given, at least 3) and 3 validation ones, all dense clusters with the

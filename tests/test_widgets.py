@@ -560,3 +560,22 @@ def test_train_progress_names_the_stage(make_napari_viewer, qtbot, sim):
         w._on_progress([TrainingProgress(3, 10, stage, 4, 30, 0.5, 0.25, 12.0, 0.5, "", fista_equivalent=87.0)])
         text = w.progress.label.text()
         assert text.startswith(f"{label} · epoch 4/30") and "worth 87 FISTA iterations" in text
+    # the dense stage's losses (other crops) are curves of their own; its preparation is news, not a point
+    assert w.plot.series("train (with dense clusters)")[1] == [0.5]
+    assert w.plot.series("validation (with dense clusters)")[1] == [0.25] and len(w.plot.series("train")[0]) == 2
+    w._on_progress([TrainingProgress(10, 10, "dense", 0, 30, 0.5, 0.25, 13.0, 0.6, "dense stage: simulating…")])
+    assert w.progress.label.text() == "dense stage: simulating…"
+    assert len(w.plot.series("train (with dense clusters)")[0]) == 1
+
+
+def test_log_axis_labels_minor_ticks_only_within_about_a_decade(qtbot):
+    from napari_spodnet.widgets._plots import CurvePlot
+
+    plot = CurvePlot(logy=True)
+    qtbot.addWidget(plot)
+    plot.set_series("a", [1, 2], [2.1e-4, 2.6e-4])
+    plot.flush()
+    assert plot._minor_label(2.2e-4, 0) == "2.2e-04"
+    plot.set_series("a", [1, 2], [1.5e-4, 3e-3])
+    plot.flush()
+    assert plot._minor_label(2e-4, 0) == ""

@@ -250,11 +250,15 @@ PRESET_DESCRIPTIONS = {
 
 @dataclass
 class TrainingProgress:
-    """One progress update: after each epoch of each step (and a final one with ``done``)."""
+    """One progress update: after each epoch of each step (and a final one with ``done``).
+
+    An update with ``epoch == 0`` announces a stage being prepared (the dense stage's simulation):
+    its losses are the last epoch's, and it is not kept in ``Trainer.history``.
+    """
 
     layer: int            # 1-based layer being trained
     n_layers: int
-    stage: str            # "step1", "step2" or "done"
+    stage: str            # "step1", "step2", "end-to-end", "dense" or "done"
     epoch: int
     epochs: int
     train_loss: float
@@ -736,6 +740,14 @@ class Trainer:
         if cfg.dense_stage_epochs > 0:
             if self._cancel:
                 return self._finish(start, cancelled=True)
+            last = self.history[-1] if self.history else None
+            # news for the user while the clusters are simulated and FISTA runs on the new validation crops
+            # (seconds); epoch 0 marks it (no new losses), and it is not part of ``history``
+            yield TrainingProgress(cfg.n_layers, cfg.n_layers, "dense", 0, cfg.dense_stage_epochs,
+                                   last.train_loss if last else float("nan"), last.val_loss if last else float("nan"),
+                                   time.perf_counter() - start, state["done"] / total_epochs,
+                                   "dense stage: simulating dense clusters with this PSF, FISTA on the new validation "
+                                   "crops…")
             dense, dense_val = self._dense_frames()
             n_dense = min(max(1, round(cfg.n_crops * cfg.dense_fraction)), cfg.n_crops - 1) if cfg.n_crops > 1 else 1
             n_own = cfg.n_crops - n_dense

@@ -23,6 +23,8 @@ MAX_REDRAWS_PER_SECOND = 2
 #: On a log axis, the y range is refitted with this factor of room below and above the data,
 #: so that a decreasing objective needs a full redraw only every so often.
 LOG_ROOM = 3.0
+#: A log axis labels its minor ticks only while its range is at most this ratio (about a decade).
+MINOR_LABELS_UP_TO = 15.0
 #: On a linear axis: room below and above the data, as a fraction of the data's span.
 LINEAR_ROOM = 0.25
 
@@ -159,6 +161,14 @@ class CurvePlot(QWidget):
         (x_lo, x_hi), (y_lo, y_hi) = self.axes.get_xlim(), self.axes.get_ylim()
         return all(x_lo <= x <= x_hi and y_lo <= y <= y_hi for x, y in self._finite_points())
 
+    def _minor_label(self, value: float, _pos) -> str:
+        """Minor tick labels of a log axis: two digits within about a decade (the ticks between 2e-04 and
+        3e-04 then differ), none over a wider range, where they would crowd the decade labels."""
+        lo, hi = self.axes.get_ylim()
+        if lo <= 0 or hi / lo > MINOR_LABELS_UP_TO:
+            return ""
+        return f"{value:.1e}"
+
     def _on_draw(self, _event) -> None:
         self._background = self.canvas.copy_from_bbox(self.figure.bbox)
         for line in self._lines.values():
@@ -201,8 +211,7 @@ class CurvePlot(QWidget):
                 from matplotlib.ticker import FuncFormatter, LogFormatter
 
                 ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=True))
-                # within a decade matplotlib puts minor ticks between 2e-04 and 3e-04 too: 2 digits tell them apart
-                ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _pos: f"{value:.1e}"))
+                ax.yaxis.set_minor_formatter(FuncFormatter(self._minor_label))
         limits = self._limits(tight)
         if limits is not None:
             ax.set_xlim(*limits[0])

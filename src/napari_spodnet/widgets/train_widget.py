@@ -337,12 +337,17 @@ class TrainWidget(JobWidget):
         for p in items:
             if not isinstance(p, TrainingProgress):
                 continue
+            if p.epoch == 0:  # a stage being prepared: news, no losses yet
+                self.progress.set_text(p.message)
+                continue
             self._epoch_count += 1
             if self._epoch_count == 1 and p.fraction > 0:
                 # the whole schedule's extent, so that the x axis need not grow (a full plot redraw)
                 self.plot.set_x_range(0, max(1.0, round(self._epoch_count / p.fraction)))
-            self.plot.append("train", self._epoch_count, p.train_loss)
-            self.plot.append("validation", self._epoch_count, p.val_loss)
+            # the dense stage trains and validates on other crops: its losses are other curves, not a jump
+            suffix = " (with dense clusters)" if p.stage == "dense" else ""
+            self.plot.append("train" + suffix, self._epoch_count, p.train_loss)
+            self.plot.append("validation" + suffix, self._epoch_count, p.val_loss)
             self.progress.set_fraction(p.fraction)
             text = (f"{_stage_label(p)} · epoch {p.epoch}/{p.epochs} — "
                     f"train {p.train_loss:.4g}, validation {p.val_loss:.4g} · {p.elapsed:.0f} s")
