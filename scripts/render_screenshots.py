@@ -228,10 +228,11 @@ def main(argv=None) -> int:
         w.observation_picker.set_layer(observation)
     process(0.3)
 
-    # ---- Train widget: a tiny real training run (2 layers, 3 epochs per step, 48-pixel crops)
+    # ---- Train widget: a tiny real training run (2 layers, 3 epochs, 48-pixel crops, 3 dense-structure epochs)
     print("train widget", flush=True)
     settings.n_layers = 2
     settings.epochs = 3
+    settings.dense_stage_epochs = 3
     settings.n_crops = 8
     settings.batch_size = 4
     settings.crop_size = 48
