@@ -566,6 +566,11 @@ def test_train_progress_names_the_stage(make_napari_viewer, qtbot, sim):
     w._on_progress([TrainingProgress(10, 10, "dense", 0, 30, 0.5, 0.25, 13.0, 0.6, "dense stage: simulating…")])
     assert w.progress.label.text() == "dense stage: simulating…"
     assert len(w.plot.series("train (with dense clusters)")[0]) == 1
+    w.plot.flush()
+    dense_line, first_line = w.plot._lines["train (with dense clusters)"], w.plot._lines["train"]
+    from matplotlib.colors import to_rgb
+
+    assert dense_line.get_linestyle() == "--" and to_rgb(dense_line.get_color()) == to_rgb(first_line.get_color())
 
 
 def test_log_axis_labels_minor_ticks_only_within_about_a_decade(qtbot):

@@ -57,6 +57,7 @@ class CurvePlot(QWidget):
         self._logy = logy
         self._series: dict[str, tuple[list, list]] = {}
         self._lines: dict = {}
+        self._styles: dict[str, dict] = {}
         self._x_range: tuple[float, float] | None = None
         self._background = None
         self._dirty = False
@@ -95,6 +96,11 @@ class CurvePlot(QWidget):
         xs.append(float(x))
         ys.append(float(y))
         self._data_changed()
+
+    def set_style(self, name: str, **style) -> None:
+        """Line style of the curve ``name`` (matplotlib keywords: color, linestyle, ...), used when the
+        curve is first drawn; call before its first point."""
+        self._styles[name] = style
 
     def set_series(self, name: str, xs, ys) -> None:
         self._series[name] = ([float(v) for v in xs], [float(v) for v in ys])
@@ -185,7 +191,8 @@ class CurvePlot(QWidget):
         for name, (xs, ys) in self._series.items():
             line = self._lines.get(name)
             if line is None:
-                (line,) = ax.plot([], [], label=name, linewidth=1.2, animated=True)
+                (line,) = ax.plot([], [], label=name, **{"linewidth": 1.2, **self._styles.get(name, {})},
+                                  animated=True)
                 self._lines[name] = line
                 new_line = True
             line.set_data(xs, ys)
@@ -217,5 +224,6 @@ class CurvePlot(QWidget):
             ax.set_xlim(*limits[0])
             ax.set_ylim(*limits[1])
         if new_line:
-            ax.legend(handles=list(self._lines.values()), fontsize=7, loc="upper right")
+            # "best": with a later stage's curves on the right, a fixed corner would hide them
+            ax.legend(handles=list(self._lines.values()), fontsize=6, loc="best", framealpha=0.6)
         self.canvas.draw()  # renders now (the draw_event caches the background); Qt paints it later

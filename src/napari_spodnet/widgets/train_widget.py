@@ -52,6 +52,8 @@ _PRESET_FIELDS = ("lr", "epochs", "batch_size", "n_crops", "crop_size", "dense_s
 
 #: "start from" choices that are not session models
 _NEW_NETWORK = "new network (FISTA steps)"
+#: suffix of the loss curves of the dense-structure stage
+_DENSE_CURVES = " (with dense clusters)"
 _SHIPPED = "fine-tune the shipped model"
 
 
@@ -141,6 +143,9 @@ class TrainWidget(JobWidget):
         self.save_button.setEnabled(False)
         self.progress = ProgressRow()
         self.plot = CurvePlot(xlabel="epoch", ylabel="loss L")
+        # the dense stage's curves: the same quantities on other crops, so the same colours, dashed
+        self.plot.set_style("train" + _DENSE_CURVES, color="C0", linestyle="--")
+        self.plot.set_style("validation" + _DENSE_CURVES, color="C1", linestyle="--")
         self.model_label = QLabel("No model trained in this session yet.")
         self.model_label.setWordWrap(True)
 
@@ -345,7 +350,7 @@ class TrainWidget(JobWidget):
                 # the whole schedule's extent, so that the x axis need not grow (a full plot redraw)
                 self.plot.set_x_range(0, max(1.0, round(self._epoch_count / p.fraction)))
             # the dense stage trains and validates on other crops: its losses are other curves, not a jump
-            suffix = " (with dense clusters)" if p.stage == "dense" else ""
+            suffix = _DENSE_CURVES if p.stage == "dense" else ""
             self.plot.append("train" + suffix, self._epoch_count, p.train_loss)
             self.plot.append("validation" + suffix, self._epoch_count, p.val_loss)
             self.progress.set_fraction(p.fraction)
