@@ -110,7 +110,7 @@ def run(args) -> dict:
     threads = (1,) if quick else tuple(args.threads)
     n_iter = 40 if quick else args.fista_iterations
     tiny = dict(n_layers=3, n_crops=4, batch_size=2, crop_size=24, n_val_crops=2, epochs=1,
-                equivalent_iterations=20) if quick else {}
+                equivalent_iterations=20, dense_stage_epochs=2) if quick else {}
     train_obs, train_size = (3, 32) if quick else (9, 128)
     torch.set_num_threads(1)
 
@@ -150,7 +150,10 @@ def run(args) -> dict:
         elif psf_name != next(iter(psfs)):
             trained = trained[:2]  # CPU budget: the other variants on the first PSF only
         for label, preset, extra in trained:
-            variants[label] = _train(psf, preset, {**tiny, **extra}, train_obs, train_size)
+            overrides = {**tiny, **extra}
+            if not TrainingConfig.preset(preset).dense_stage_epochs:  # the layer-wise presets have none
+                overrides["dense_stage_epochs"] = 0
+            variants[label] = _train(psf, preset, overrides, train_obs, train_size)
             print(f"[{psf_name}] trained {label} in {variants[label][1]:.0f} s", flush=True)
         op = SPoDOperator(psf)
         for family in families:

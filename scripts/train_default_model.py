@@ -156,6 +156,7 @@ def main(argv=None) -> None:
         overrides["excursion_bound"] = args.excursion_bound
     if args.truth_weight:
         overrides["truth_weight"] = args.truth_weight
+        overrides.setdefault("dense_stage_epochs", 0)  # simulated dense crops have no truth
     config = TrainingConfig.preset(args.preset, **overrides)
     if args.lr_scale != 1:
         config = config.with_rates_scaled(args.lr_scale)

@@ -701,3 +701,52 @@ def test_bad_dense_stage_settings(bad):
         TrainingConfig.preset("quick", **bad).validate()
     with pytest.raises(SPoDInputError, match="dense"):
         TrainingConfig.preset("quick-layerwise", dense_stage_epochs=1).validate()
+
+
+def test_dense_stage_when_fine_tuning_starts_from_the_best_and_is_off_unless_asked(observations, psf, monkeypatch):
+    import napari_spodnet.core.training as training
+
+    base, _ = train_spodnet(observations, psf, preset="quick", device="cpu", **E2E_TINY)
+    # the API, like the CLI and the widget, runs no dense stage when fine-tuning unless asked for
+    _, history = train_spodnet(observations, psf, preset="quick", device="cpu", initial=base,
+                               **{k: v for k, v in E2E_TINY.items() if k != "dense_stage_epochs"})
+    assert "dense" not in {h.stage for h in history}
+    # asked for: at the rates given (already a fine-tuning's), from the best network so far
+    rates, original_adam = [], torch.optim.Adam
+
+    def adam_spy(groups, *args, **kwargs):
+        rates.append([g["lr"] for g in groups])
+        return original_adam(groups, *args, **kwargs)
+
+    monkeypatch.setattr(training.torch.optim, "Adam", adam_spy)
+    config = TrainingConfig.preset("quick", **{**E2E_TINY, "epochs": 1, "scalar_lr": 3.0, "dense_stage_epochs": 1})
+    trainer = Trainer(observations, psf, config, device="cpu", initial=base)
+    for update in trainer.run_iter():
+        if update.stage == "dense" and update.epoch == 0:
+            entering = [p.detach().clone() for p in trainer.net.parameters()]
+    assert rates[1] == rates[0]
+    for a, b in zip(_params(base), entering):  # the wrecking rate lost; the stage began from the network given
+        torch.testing.assert_close(a, b)
+
+
+def test_cancel_on_the_dense_stage_news_stops_before_its_preparation(observations, psf, monkeypatch):
+    trainer = Trainer(observations, psf, TrainingConfig.preset("quick", **{**E2E_TINY, "dense_stage_epochs": 2}),
+                      device="cpu")
+    monkeypatch.setattr(Trainer, "_dense_frames", lambda self: pytest.fail("prepared after the cancel"))
+    net = trainer.run(lambda update: update.stage == "dense")
+    assert net.metadata["training"]["cancelled"] is True and net.n_layers == 3
+
+
+def test_a_diverging_dense_stage_keeps_the_finished_schedule(observations, psf, monkeypatch):
+    trainer = Trainer(observations, psf, TrainingConfig.preset("quick", **{**E2E_TINY, "dense_stage_epochs": 2}),
+                      device="cpu")
+    original = Trainer._loss
+
+    def exploding(self, net, y, *args, **kwargs):
+        value = original(self, net, y, *args, **kwargs)
+        return value * float("nan") if self._return_best and torch.is_grad_enabled() else value
+
+    monkeypatch.setattr(Trainer, "_loss", exploding)
+    net = trainer.run()
+    assert "diverged" in net.metadata["training"]["dense_stage_failure"]
+    assert net is trainer.best_state[1] and net.metadata["training"]["cancelled"] is False

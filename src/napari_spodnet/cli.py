@@ -428,8 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dense-epochs", type=int, default=None, metavar="N",
                    help="epochs of the last stage, in which half the crops are simulated dense puncta clusters "
-                        "blurred with your PSF, at a fifth of the rates (default: the preset's, quick 30, "
-                        "standard 60; 0 with --fine-tune; 0: none)")
+                        "blurred with your PSF, at a fifth of the rates (with --fine-tune: at its rates; "
+                        "default: the preset's, quick 30, standard 60; 0 with --fine-tune; 0: none)")
     p.add_argument("--orientation", choices=["harmonic", "full"], default=None)
     p.add_argument("--architecture", choices=["spodnet", "listanet"], default=None)
     p.add_argument("--preprocess", action="store_true", help="median 5 / minimum 7 background removal")

@@ -236,7 +236,7 @@ PRESETS = {
 PRESET_DESCRIPTIONS = {
     "quick": "Preconditioned end-to-end recipe (log-space steps, thresholds, momenta, Wiener-like step), "
              "300 steps of 4 crops of 64 px, then 30 epochs with half the crops simulated dense clusters: about "
-             "2.5 min on one CPU thread; worth a median 96-98 FISTA iterations on held-out families.",
+             "2.5-3.5 min on one CPU thread; worth a median 85-98 FISTA iterations on held-out families.",
     "standard": "The same for 1 200 steps of 8 crops of 64 px, then 60 epochs with dense clusters (the shipped "
                 "model's recipe): about 15 min on one CPU thread; worth a median 120 FISTA iterations on held-out "
                 "families.",
@@ -446,6 +446,7 @@ class Trainer:
         self._cancel = False
         self.restores = 0  # end-to-end stage: times the best state was restored after a rise
         self._return_best = False  # set by the dense stage: hand back the validation-best network
+        self.dense_stage_failure: str | None = None  # why the dense stage stopped early (divergence), if it did
         self.net: UnrolledISTA | None = None
         self.best_state: tuple[float, UnrolledISTA] | None = None
         self.history: list[TrainingProgress] = []
@@ -748,6 +749,11 @@ class Trainer:
                                    time.perf_counter() - start, state["done"] / total_epochs,
                                    "dense stage: simulating dense clusters with this PSF, FISTA on the new validation "
                                    "crops…")
+            if self._cancel:  # asked on that news: stop before the seconds of preparation
+                return self._finish(start, cancelled=True)
+            if self.initial is not None and self.best_state is not None:
+                # fine-tuning: the stage starts from the best network so far (the one given, if nothing beat it)
+                net.load_state_dict(self.best_state[1].state_dict())
             dense, dense_val = self._dense_frames()
             n_dense = min(max(1, round(cfg.n_crops * cfg.dense_fraction)), cfg.n_crops - 1) if cfg.n_crops > 1 else 1
             n_own = cfg.n_crops - n_dense
@@ -770,12 +776,20 @@ class Trainer:
             with torch.no_grad():
                 self._remember(net, float(self._loss(net, state["val"], None, cfg.n_layers)))
             self._return_best = True
-            optimizer = torch.optim.Adam(self._groups(net.layers, FINE_TUNE_RATE * scalar_lr,
-                                                      FINE_TUNE_RATE * filter_lr))
+            # a fifth of the rates, unless this is a fine-tuning whose rates the caller already scaled
+            factor = 1.0 if self.initial is not None else FINE_TUNE_RATE
+            optimizer = torch.optim.Adam(self._groups(net.layers, factor * scalar_lr, factor * filter_lr))
             total_steps = max(cfg.dense_stage_epochs * steps_per_epoch, 1)
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda k: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(k / total_steps, 1.0))))
-            if (yield from epochs(optimizer, "dense", cfg.dense_stage_epochs, cfg.n_layers, scheduler)) == "cancelled":
+            try:
+                outcome = yield from epochs(optimizer, "dense", cfg.dense_stage_epochs, cfg.n_layers, scheduler,
+                                            cfg.deep_supervision)
+            except TrainingError as exc:
+                # the schedule before it is finished: keep the best network rather than lose the whole run
+                self.dense_stage_failure = str(exc)
+                outcome = None
+            if outcome == "cancelled":
                 return self._finish(start, cancelled=True)
         return self._finish(start, cancelled=False)
 
@@ -851,6 +865,8 @@ class Trainer:
         }
         if self._initial_record is not None:
             net.metadata["training"]["fine_tuned_from"] = self._initial_record
+        if self.dense_stage_failure:
+            net.metadata["training"]["dense_stage_failure"] = self.dense_stage_failure
         self.history.append(TrainingProgress(net.n_layers, self.config.n_layers, "done", 0, 0,
                                              last.train_loss if last else float("nan"),
                                              self.best_state[0] if self.best_state else float("nan"),
@@ -877,6 +893,9 @@ def train_spodnet(observations, psf, lam: float = DEFAULT_LAMBDA, preset: str = 
     (``TrainingConfig.with_rates_scaled(FINE_TUNE_RATE)``; the CLI and the widget do): at the full
     rate a few steps can undo it.
     """
+    if initial is not None:
+        # fine-tuning adapts a network to these observations: no dense stage unless asked for
+        overrides.setdefault("dense_stage_epochs", 0)
     config = TrainingConfig.preset(preset, lam=lam, **overrides)
     trainer = Trainer(observations, psf, config, device=device, n_channels=n_channels,
                       validation_observations=validation_observations, initial=initial)

@@ -75,8 +75,9 @@ def _train_work(control, observations, psf, config: TrainingConfig, device: str,
 
 
 class TrainWidget(JobWidget):
-    _applying_preset = False
     """Train a SPoD-Net on one or more observation layers; live loss curves; Stop keeps the best model."""
+
+    _applying_preset = False  # shared by all Train widgets (see _apply_preset)
 
     job_title = "Training"
     tab_title = "Train"
