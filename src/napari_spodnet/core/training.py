@@ -731,10 +731,8 @@ class Trainer:
                 net.add_layer()  # every layer starts as one ISTA (FISTA, with momentum) step
         if end_to_end:
             optimizer = torch.optim.Adam(self._groups(net.layers, scalar_lr, filter_lr))
-            # Cosine decay to 5 % of the rate: large steps to move the schedule, small ones to settle it.
             total_steps = max(e2e_epochs * steps_per_epoch, 1)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda k: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(k / total_steps, 1.0))))
+            scheduler = _cosine_decay(optimizer, total_steps)
             if (yield from epochs(optimizer, "end-to-end", e2e_epochs, cfg.n_layers, scheduler,
                                   cfg.deep_supervision)) == "cancelled":
                 return self._finish(start, cancelled=True)
@@ -780,8 +778,7 @@ class Trainer:
             factor = 1.0 if self.initial is not None else FINE_TUNE_RATE
             optimizer = torch.optim.Adam(self._groups(net.layers, factor * scalar_lr, factor * filter_lr))
             total_steps = max(cfg.dense_stage_epochs * steps_per_epoch, 1)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda k: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(k / total_steps, 1.0))))
+            scheduler = _cosine_decay(optimizer, total_steps)
             try:
                 outcome = yield from epochs(optimizer, "dense", cfg.dense_stage_epochs, cfg.n_layers, scheduler,
                                             cfg.deep_supervision)
@@ -873,6 +870,13 @@ class Trainer:
                                              time.perf_counter() - start, 1.0,
                                              "cancelled: kept the best model so far" if cancelled else "finished"))
         return net
+
+
+def _cosine_decay(optimizer, total_steps: int):
+    """Cosine decay of every rate to 5 % over ``total_steps`` Adam steps: large steps to move the schedule,
+    small ones to settle it."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(k / total_steps, 1.0))))
 
 
 def train_spodnet(observations, psf, lam: float = DEFAULT_LAMBDA, preset: str = "quick",
