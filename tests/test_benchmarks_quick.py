@@ -97,7 +97,9 @@ def test_spodnet_vs_fista_quick(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     result = module.main(["--quick", "--out", str(tmp_path)])
-    assert len(result["variants"]) == 4 and len(result["cases"]) == 2  # four recipes trained on one PSF
+    assert len(result["variants"]) == 5 and len(result["cases"]) == 2  # five recipes trained on one PSF
+    deep = [info for key, info in result["variants"].items() if "20 layers" in key]
+    assert len(deep) == 1 and deep[0]["config"]["n_layers"] == 5  # (its quick mode: 5 layers against 3)
     assert any("supervised" in key for key in result["variants"])
     assert any("without the dense stage" in key for key in result["variants"])
     for case in result["cases"]:

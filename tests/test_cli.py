@@ -182,3 +182,18 @@ def test_gui_demo_opens_napari_with_widgets_and_results(make_napari_viewer, qtbo
     names = [layer.name for layer in viewer.layers]
     assert len(names) >= 4
     assert len(viewer.window.dock_widgets) >= 4
+
+
+def test_recover_check_prints_and_records_the_comparison(data_dir, tmp_path, capsys):
+    out = tmp_path / "checked.tif"
+    assert cli.main(["recover", str(data_dir / "observation.tif"), "-o", str(out), "--quiet", "--check",
+                     "--check-iterations", "30"]) == 0
+    text = capsys.readouterr().out
+    assert "Check against FISTA on 64 x 64 pixels" in text and "SPoD-Net:" in text
+    check = read_stack_metadata(out)["check"]
+    assert check["fista_iterations"] == 30 and check["region"] == [[0, 64], [0, 64]]
+    assert check["network_seconds"] > 0 and isinstance(check["suits"], bool)
+    assert tifffile.imread(out).shape == (18, 95, 95)  # and the recovery itself was written
+    assert cli.main(["recover", str(data_dir / "observation.tif"), "-o", str(tmp_path / "x.tif"), "--check",
+                     "--check-iterations", "0"]) == 2
+    assert not (tmp_path / "x.tif").exists()

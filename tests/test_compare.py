@@ -65,3 +65,68 @@ def test_intensity_psnr_ignores_the_unrecoverable_margin():
     empty = np.zeros_like(truth)
     empty[:, 0, 0] = 5.0  # truth only in the margin: nothing to score
     assert np.isnan(intensity_psnr(good, empty, (10, 10)))
+
+
+# -- check_against_fista: the model against FISTA on the user's own data --------------------------
+
+from napari_spodnet.core.compare import EqualQualityComparison  # noqa: E402
+from napari_spodnet.core.recover import ModelCheck, check_against_fista, recover  # noqa: E402
+from napari_spodnet.core.validation import SPoDInputError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def observation_80():
+    return simulate((80, 80), seed=11, photons=200.0)
+
+
+def test_check_runs_both_methods_on_the_same_problem(observation_80):
+    sim = observation_80
+    check = check_against_fista(sim.observation, sim.psf, iterations=60)
+    c = check.comparison
+    assert c.fista_iterations == 60 and check.region == ((0, 80), (0, 80))
+    # the network's objective is the one recover() reports on the same data: same normalisation and lambda
+    assert c.network_objective == pytest.approx(recover(sim.observation, sim.psf).objective, rel=1e-4)
+    # and FISTA's history is that of the same problem: its own recover() run ends at the same objective
+    fista_alone = recover(sim.observation, sim.psf, method="fista", iterations=60, tol=0, lam=0.05)
+    assert c.fista_final_objective == pytest.approx(fista_alone.objective, rel=1e-4)
+    assert c.network_seconds > 0 and c.fista_seconds > 0
+    text = "\n".join(check.lines())
+    assert "80 x 80 pixels" in text and check.verdict() in text
+    record = check.as_dict()
+    assert record["fista_iterations"] == 60 and record["suits"] == check.suits
+    assert record["region"] == [[0, 80], [0, 80]]
+
+
+def test_check_crops_the_centre_of_a_large_frame(observation_80):
+    sim = observation_80
+    check = check_against_fista(sim.observation, sim.psf, iterations=5, crop=48)
+    assert check.region == ((16, 64), (16, 64))
+    part = sim.observation[:, 16:64, 16:64]
+    assert check.comparison.network_objective == pytest.approx(recover(part, sim.psf).objective, rel=1e-4)
+
+
+def test_check_refuses_what_it_cannot_run(observation_80):
+    sim = observation_80
+    with pytest.raises(SPoDInputError, match="one observation"):
+        check_against_fista(sim.observation[None], sim.psf)
+    with pytest.raises(SPoDInputError, match="iterations"):
+        check_against_fista(sim.observation, sim.psf, iterations=0)
+    with pytest.raises(SPoDInputError, match="PSF"):
+        check_against_fista(sim.observation, np.ones((9, 9)) / 81)
+
+
+def _check_with(speedup, match=10):
+    comparison = EqualQualityComparison(
+        network_objective=1.0, network_seconds=0.1, fista_match_iteration=match,
+        fista_match_seconds=None if match is None else 0.1 * speedup, speedup=None if match is None else speedup,
+        fista_iterations=400, fista_seconds=4.0, fista_final_objective=0.9)
+    return ModelCheck(comparison, ((0, 10), (0, 10)))
+
+
+def test_check_verdict_advises_when_the_model_is_not_faster():
+    assert _check_with(12.0).suits and "suits" in _check_with(12.0).verdict()
+    assert _check_with(None, match=None).suits and "did not reach" in _check_with(None, match=None).verdict()
+    slow = _check_with(0.6)
+    assert not slow.suits and slow.verdict().startswith("FISTA is faster") and "--fine-tune" in slow.verdict()
+    modest = _check_with(2.0)
+    assert not modest.suits and "only a little faster" in modest.verdict() and "spodnet fista" in modest.verdict()

@@ -102,7 +102,7 @@ def _check_values(args) -> None:
     rules = {"lam": (0, None), "tol": (0, None), "lr": (0, None, True), "alpha": (0, 1), "photons": (0, None, True),
              "iterations": (1, None), "layers": (1, 1000), "epochs": (1, None), "crops": (1, None),
              "crop_size": (8, None), "batch_size": (1, None), "tile": (1, None), "n_channels": (2, 10_000),
-             "size": (8, None), "frames": (1, None)}
+             "size": (8, None), "frames": (1, None), "check_iterations": (1, None)}
     for name, rule in rules.items():
         value = getattr(args, name, None)
         if value is None:
@@ -163,8 +163,17 @@ def cmd_recover(args) -> int:
 
     _check_output(args.output, [args.observation, args.psf, args.model])
     psf = read_psf(args.psf) if args.psf else None
-    return _stream_recovery(args, "SPoD-Net", dict(psf=psf, method="spodnet", model=args.model),
-                            {"model": str(args.model or "default")})
+    metadata = {"model": str(args.model or "default")}
+    if args.check:
+        from .core.recover import CHECK_ITERATIONS, check_against_fista
+
+        data = _load_observation(args.observation, args.n_channels, memmap=True, axis=args.axis)
+        check = check_against_fista(data[0] if data.ndim == 4 else data, psf, model=args.model,
+                                    iterations=args.check_iterations or CHECK_ITERATIONS, device=args.device,
+                                    n_channels=args.n_channels)
+        print("\n".join(check.lines()), flush=True)
+        metadata["check"] = check.as_dict()
+    return _stream_recovery(args, "SPoD-Net", dict(psf=psf, method="spodnet", model=args.model), metadata)
 
 
 def _stream_recovery(args, label: str, settings: dict, extra_metadata: dict) -> int:
@@ -449,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="OUT.tif (BigTIFF) or OUT.zarr (OME-Zarr)")
     p.add_argument("--tile", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="frames per batch (default: 1 on CPU, 8 on GPU)")
+    p.add_argument("--check", action="store_true",
+                   help="first, run FISTA beside the model on (up to 256 x 256 pixels of) the first frame and say "
+                        "whether the model is faster at equal objective on these data (a few seconds; the "
+                        "figures go into the output's metadata)")
+    p.add_argument("--check-iterations", type=int, default=None, metavar="N",
+                   help="FISTA iterations of --check (default 400)")
     streaming_options(p)
     common(p)
     p.set_defaults(func=cmd_recover)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
+from .compare import EqualQualityComparison, compare_at_equal_objective
 from .devices import resolve_device
 from .network import UnrolledISTA
 from .physics import SPoDOperator
@@ -243,6 +244,108 @@ def recover(stack, psf=None, method: str = "spodnet", model=None, tile: int | No
         objective=(float(objectives[0]) if single else objectives) if compute_objective else None,
         method=method, lam=float(engine.lam), normalization=engine.normalization, translate=engine.translate,
         info=info)
+
+
+#: FISTA iterations of :func:`check_against_fista` by default: past every model measured so far
+#: (docs/results.md: 19-330 FISTA-equivalent iterations), a few seconds at 256 x 256 on one thread.
+CHECK_ITERATIONS = 400
+#: Largest observation crop (pixels per side) the check runs on, to bound its time on big frames.
+CHECK_CROP = 256
+
+
+def check_against_fista(frame, psf=None, model=None, iterations: int = CHECK_ITERATIONS, crop: int = CHECK_CROP,
+                        device=None, n_channels: int = DEFAULT_CHANNELS):
+    """SPoD-Net against FISTA on the user's own data: is this model faster at equal quality here?
+
+    frame : one observation (c, H, W) (the first of a series, say); a central ``crop`` x ``crop``
+    part of it is used when it is larger. Both methods get the same validated, preprocessed and
+    normalised data (the model's settings) and the same lambda; the network's forward pass
+    (best of 2, after a warm-up) is timed against FISTA with restart for ``iterations``
+    iterations on the same device. Returns a :class:`ModelCheck`. A model's speed varies between
+    structures (docs/results.md, "Benchmark"); this measures it where it matters.
+    """
+    if int(iterations) < 1:
+        raise SPoDInputError(f"iterations must be >= 1, got {iterations}")
+    frame = np.asarray(frame) if not hasattr(frame, "shape") else frame
+    if len(frame.shape) != 3:
+        raise SPoDInputError(f"The check takes one observation (c, H, W); got shape {tuple(frame.shape)}.")
+    engine = FrameRecoverer.create(psf, method="spodnet", model=model, device=device, n_channels=n_channels)
+    _, H, W = frame.shape
+    r0, c0 = max(0, (H - crop) // 2), max(0, (W - crop) // 2)
+    region = ((r0, min(H, r0 + crop)), (c0, min(W, c0 + crop)))
+    part = np.asarray(frame[:, region[0][0]:region[0][1], region[1][0]:region[1][1]])
+    prepared = engine.fit(part[None])[0]
+    y = torch.as_tensor(engine.normalization.apply(prepared), device=engine.device)
+    net = engine.net
+    with torch.no_grad():
+        x = net.recover(y)  # warm-up: the filter spectra for this size
+        seconds = float("inf")
+        for _ in range(2):
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize(engine.device)
+            start = time.perf_counter()
+            x = net.recover(y)
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize(engine.device)
+            seconds = min(seconds, time.perf_counter() - start)
+        objective = float(engine.op.objective(y, x, engine.lam))
+    reference = fista(engine.op, y, engine.lam, max_iter=int(iterations), tol=0, restart=True)
+    comparison = compare_at_equal_objective(objective, seconds, np.asarray(reference.history).reshape(-1),
+                                            fista_times=np.asarray(reference.times).reshape(-1),
+                                            fista_seconds=float(reference.seconds))
+    return ModelCheck(comparison, region)
+
+
+#: Below this speed-up at equal objective the check advises against the model (the ``quick``
+#: preset's own target on held-out data, docs/results.md section 0).
+CHECK_GOOD_SPEEDUP = 3.0
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """What :func:`check_against_fista` measured.
+
+    comparison : :class:`core.compare.EqualQualityComparison` on the checked region.
+    region : ((row0, row1), (col0, col1)), the observation pixels the check ran on.
+    """
+
+    comparison: EqualQualityComparison
+    region: tuple
+
+    @property
+    def suits(self) -> bool:
+        """True when the model is at least :data:`CHECK_GOOD_SPEEDUP` x faster than FISTA at equal objective
+        (or FISTA never reached its objective)."""
+        c = self.comparison
+        return c.fista_match_iteration is None or (c.speedup is not None and c.speedup >= CHECK_GOOD_SPEEDUP)
+
+    def verdict(self) -> str:
+        c = self.comparison
+        if c.fista_match_iteration is None:
+            return (f"The model suits these data: FISTA did not reach its objective in {c.fista_iterations} "
+                    "iterations.")
+        worth = f"worth {c.fista_match_iteration} FISTA iterations, {c.speedup:.1f}x faster at equal objective"
+        if self.suits:
+            return f"The model suits these data ({worth})."
+        advice = ("fine-tune it on these data (spodnet train OBS --psf PSF --fine-tune default -o MODEL), "
+                  "or recover them with FISTA (spodnet fista)")
+        if c.speedup < 1:
+            return f"FISTA is faster than this model on these data ({worth}): {advice}."
+        return f"The model is only a little faster than FISTA on these data ({worth}): {advice}."
+
+    def lines(self) -> list[str]:
+        (r0, r1), (c0, c1) = self.region
+        return [f"Check against FISTA on {r1 - r0} x {c1 - c0} pixels (rows {r0}-{r1 - 1}, columns {c0}-{c1 - 1}):",
+                *self.comparison.lines(), self.verdict()]
+
+    def as_dict(self) -> dict:
+        """Plain numbers, for the output file's metadata."""
+        c = self.comparison
+        return dict(region=[list(self.region[0]), list(self.region[1])], network_seconds=c.network_seconds,
+                    network_objective=c.network_objective, fista_match_iteration=c.fista_match_iteration,
+                    fista_match_seconds=c.fista_match_seconds, speedup=c.speedup,
+                    fista_iterations=c.fista_iterations, fista_final_objective=c.fista_final_objective,
+                    suits=self.suits)
 
 
 @dataclass
