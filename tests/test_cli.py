@@ -197,3 +197,14 @@ def test_recover_check_prints_and_records_the_comparison(data_dir, tmp_path, cap
     assert cli.main(["recover", str(data_dir / "observation.tif"), "-o", str(tmp_path / "x.tif"), "--check",
                      "--check-iterations", "0"]) == 2
     assert not (tmp_path / "x.tif").exists()
+
+
+def test_progress_in_a_log_shows_a_stage_news_between_quarters(capsys):
+    bar = cli._Progress("training")  # stderr is not a terminal here: one line per quarter
+    bar(0.30, "end-to-end epoch 3/10")
+    bar(0.35, "end-to-end epoch 4/10")  # throttled
+    bar(0.36, "dense stage: simulating dense clusters", news=True)
+    bar(1.0, "done")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" ", 2)[-1] for line in lines] == [
+        "end-to-end epoch 3/10", "dense stage: simulating dense clusters", "done"]

@@ -27,11 +27,12 @@ class _Progress:
     def __init__(self, label: str, quiet: bool = False):
         self.label, self.quiet, self.last = label, quiet, -1.0
 
-    def __call__(self, fraction: float, message: str = "") -> None:
-        # On a terminal redraw one line; in a log write a line per quarter.
+    def __call__(self, fraction: float, message: str = "", news: bool = False) -> None:
+        # On a terminal redraw one line; in a log write a line per quarter. ``news`` (a stage starting)
+        # is shown whatever the fraction, since it would otherwise fall between two throttled updates.
         tty = sys.stderr.isatty()
-        if self.quiet or (fraction - self.last < (0.01 if tty else 0.25) and fraction < 1.0) or \
-                (fraction >= 1.0 and self.last >= 1.0):
+        if self.quiet or (not news and ((fraction - self.last < (0.01 if tty else 0.25) and fraction < 1.0)
+                                        or (fraction >= 1.0 and self.last >= 1.0))):
             return
         self.last = fraction
         if not tty:
@@ -237,7 +238,10 @@ def cmd_train(args) -> int:
     trainer = Trainer(observations, psf, config, device=args.device, n_channels=args.n_channels, initial=initial)
     bar = _Progress("training", args.quiet)
     try:
-        net = trainer.run(lambda update: bar(update.fraction, f"{update.message} loss {update.train_loss:.4g}"))
+        # epoch 0 is a stage's news (the dense stage's preparation), not an epoch with a new loss
+        net = trainer.run(lambda update: bar(update.fraction, update.message if update.epoch == 0 else
+                                             f"{update.message} loss {update.train_loss:.4g}",
+                                             news=update.epoch == 0))
     except KeyboardInterrupt:
         net = trainer.finish_cancelled()
         print("\ninterrupted: saving the best model so far", file=sys.stderr)
