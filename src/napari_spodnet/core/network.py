@@ -215,8 +215,8 @@ class SPoDLayer(_Layer):
         ``L_adj^T (L B(V z) - y) = (L_adj^T L) B(V z) - L_adj^T y``, an (r, H, W) image (r = 2K+1 = 3)
         instead of the (c, H, W) = 18-channel one; the step ``z - eta V_adj^T corr - theta`` is one
         batched GEMM over the image. Returns ``(first(y, eta, theta), step(z, y, eta, theta))``, each
-        giving the pre-threshold ``v`` (..., c, h, w) as a new tensor; equal to the plain path to
-        float rounding (tests/test_network.py).
+        giving the pre-threshold ``v`` (..., c, h, w) as a new tensor (``step(..., in_place=True)``:
+        written over ``z``); equal to the plain path to float rounding (tests/test_network.py).
         """
         if self.orientation != "harmonic":
             return None
@@ -232,11 +232,11 @@ class SPoDLayer(_Layer):
             empty = torch.empty((*lead, back.shape[0], *hw), dtype=corr.dtype, device=corr.device)
             return _mix_into(back, corr, empty, beta=0.0, alpha=eta, shift=theta)
 
-        def step(z, y, eta, theta):
+        def step(z, y, eta, theta, in_place=False):
             blurred = _blur_projected(torch.einsum("rk,...khw->...rhw", right, z), g_spec, shape)
             u = torch.einsum("rq,...qhw->...rhw", gram, blurred).sub_(torch.einsum("tr,...thw->...rhw", left_adj, y))
             corr = _correlate_mixed(u, g_adj_spec, shape)
-            return _mix_into(back, corr, z.contiguous(), beta=1.0, alpha=-eta, shift=theta)
+            return _mix_into(back, corr, z.contiguous(), beta=1.0, alpha=-eta, shift=theta, in_place=in_place)
 
         return first, step
 
@@ -452,15 +452,17 @@ class UnrolledISTA(nn.Module):
             eta, theta = float(eta_t), float(theta_t)
             fused = self._fused(m, image_hw)
             if fused is not None:
-                v = fused[0](y, eta, theta) if z is None else fused[1](z, y, eta, theta)
+                # z may be overwritten unless it is still needed as x_prev (no momentum yet at the second layer)
+                v = fused[0](y, eta, theta) if z is None else fused[1](z, y, eta, theta,
+                                                                       in_place=z is not x_prev or not self.momentum)
             else:
                 fwd, adj = self._ops(m, image_hw)
                 v = adj(y).mul_(eta) if z is None else adj(fwd(z).sub_(y)).mul_(-eta).add_(z)
                 v.sub_(theta)
             x = torch.relu_(v) if self.alpha == 0 else torch.nn.functional.leaky_relu_(v, self.alpha)
             if self.momentum and x_prev is not None:
-                # x + mu (x - x_prev) in one pass
-                z = torch.lerp(x_prev, x, 1.0 + float(mu_t))
+                # x + mu (x - x_prev) in one pass, over x_prev (no longer needed): no fresh array
+                z = x_prev.lerp_(x, 1.0 + float(mu_t))
             else:
                 z = x
             x_prev = x

@@ -137,8 +137,10 @@ def _correlate_mixed(r: torch.Tensor, g_spectrum: torch.Tensor, kernel_shape) ->
 
 
 def _mix_into(mix: torch.Tensor, low_rank: torch.Tensor, base: torch.Tensor, beta: float, alpha: float,
-              shift: float = 0.0) -> torch.Tensor:
-    """``beta * base + alpha * (mix @ low_rank) - shift`` in one batched GEMM (a new tensor).
+              shift: float = 0.0, in_place: bool = False) -> torch.Tensor:
+    """``beta * base + alpha * (mix @ low_rank) - shift`` in one batched GEMM (a new tensor, or
+    ``base`` overwritten with ``in_place``: a fresh c-channel array costs page faults, since glibc
+    hands blocks this large back to the kernel on free, which is slower than the GEMM's write).
 
     mix (c, r); low_rank (..., r, H, W); base (..., c, H, W). The solver's elementwise updates
     (subtracting y, the gradient step, the soft threshold's shift) ride on the channel mixing
@@ -153,6 +155,9 @@ def _mix_into(mix: torch.Tensor, low_rank: torch.Tensor, base: torch.Tensor, bet
     if shift:
         low = torch.cat([low, torch.ones((n, 1, H * W), dtype=low.dtype, device=low.device)], dim=1)
         mix = torch.cat([mix, torch.full((c, 1), -shift / alpha, dtype=mix.dtype, device=mix.device)], dim=1)
+    if in_place and base.is_contiguous():
+        base.view(n, c, H * W).baddbmm_(mix.expand(n, *mix.shape), low, beta=beta, alpha=alpha)
+        return base
     out = torch.baddbmm(base.reshape(n, c, H * W), mix.expand(n, *mix.shape), low, beta=beta, alpha=alpha)
     return out.reshape(*lead, c, H, W)
 
