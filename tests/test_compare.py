@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from napari_spodnet import SPoDOperator, fista, simulate
 from napari_spodnet.core.compare import compare_at_equal_objective, psnr
@@ -97,18 +98,41 @@ def test_check_runs_both_methods_on_the_same_problem(observation_80):
     assert record["region"] == [[0, 80], [0, 80]]
 
 
-def test_check_crops_the_centre_of_a_large_frame(observation_80):
+def _network_objective(normalization, part, psf):
+    """The shipped model's objective on ``part`` normalised with ``normalization`` (what the check must use)."""
+    from napari_spodnet.core.recover import load_default_model
+
+    net = load_default_model()
+    y = torch.as_tensor(normalization.apply(np.asarray(part, dtype=np.float32)))
+    return float(SPoDOperator(psf).objective(y, net.recover(y), net.lam))
+
+
+def test_check_crops_the_centre_with_the_recoverys_normalisation(observation_80):
     sim = observation_80
     check = check_against_fista(sim.observation, sim.psf, iterations=5, crop=48)
     assert check.region == ((16, 64), (16, 64))
-    part = sim.observation[:, 16:64, 16:64]
-    assert check.comparison.network_objective == pytest.approx(recover(part, sim.psf).objective, rel=1e-4)
+    # normalised as the whole frame's recovery normalises it, not refitted on the crop
+    whole = recover(sim.observation, sim.psf)
+    expected = _network_objective(whole.normalization, sim.observation[:, 16:64, 16:64], sim.psf)
+    assert check.comparison.network_objective == pytest.approx(expected, rel=1e-4)
+    refitted = recover(sim.observation[:, 16:64, 16:64], sim.psf).objective
+    assert abs(refitted - expected) > 1e-3 * expected  # (so the assertion above can tell them apart)
+
+
+def test_check_on_a_series_uses_the_first_frame_and_the_series_normalisation(observation_80):
+    sim = observation_80
+    series = np.stack([sim.observation, 3 * sim.observation])  # a brighter second frame moves the fit
+    check = check_against_fista(series, sim.psf, iterations=5)
+    expected = _network_objective(recover(series, sim.psf).normalization, sim.observation, sim.psf)
+    assert check.comparison.network_objective == pytest.approx(expected, rel=1e-4)
+    alone = check_against_fista(sim.observation, sim.psf, iterations=5).comparison.network_objective
+    assert abs(alone - expected) > 1e-3 * expected
 
 
 def test_check_refuses_what_it_cannot_run(observation_80):
     sim = observation_80
-    with pytest.raises(SPoDInputError, match="one observation"):
-        check_against_fista(sim.observation[None], sim.psf)
+    with pytest.raises(SPoDInputError, match="an observation"):
+        check_against_fista(sim.observation[None, None], sim.psf)
     with pytest.raises(SPoDInputError, match="iterations"):
         check_against_fista(sim.observation, sim.psf, iterations=0)
     with pytest.raises(SPoDInputError, match="PSF"):
@@ -125,7 +149,14 @@ def _check_with(speedup, match=10):
 
 def test_check_verdict_advises_when_the_model_is_not_faster():
     assert _check_with(12.0).suits and "suits" in _check_with(12.0).verdict()
-    assert _check_with(None, match=None).suits and "did not reach" in _check_with(None, match=None).verdict()
+    # FISTA never reached the model's objective: decided by FISTA's whole run against the model's time
+    unreached = _check_with(None, match=None)  # 4.0 s of FISTA against 0.1 s: at least 40x
+    assert unreached.suits and unreached.speedup_at_least == pytest.approx(40.0)
+    assert "did not reach" in unreached.verdict()
+    short = ModelCheck(EqualQualityComparison(
+        network_objective=1.0, network_seconds=0.5, fista_match_iteration=None, fista_match_seconds=None,
+        speedup=None, fista_iterations=30, fista_seconds=0.6, fista_final_objective=1.1), ((0, 10), (0, 10)))
+    assert not short.suits and short.verdict().startswith("Undecided") and "--check-iterations" in short.verdict()
     slow = _check_with(0.6)
     assert not slow.suits and slow.verdict().startswith("FISTA is faster") and "--fine-tune" in slow.verdict()
     modest = _check_with(2.0)

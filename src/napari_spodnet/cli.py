@@ -34,7 +34,8 @@ class _Progress:
         if self.quiet or (not news and ((fraction - self.last < (0.01 if tty else 0.25) and fraction < 1.0)
                                         or (fraction >= 1.0 and self.last >= 1.0))):
             return
-        self.last = fraction
+        if not news:  # news leaves the quarter steps of the log where they were
+            self.last = fraction
         if not tty:
             sys.stderr.write(f"{self.label}: {fraction:5.1%} {message}\n")
             return
@@ -169,7 +170,7 @@ def cmd_recover(args) -> int:
         from .core.recover import CHECK_ITERATIONS, check_against_fista
 
         data = _load_observation(args.observation, args.n_channels, memmap=True, axis=args.axis)
-        check = check_against_fista(data[0] if data.ndim == 4 else data, psf, model=args.model,
+        check = check_against_fista(data, psf, model=args.model,
                                     iterations=args.check_iterations or CHECK_ITERATIONS, device=args.device,
                                     n_channels=args.n_channels)
         print("\n".join(check.lines()), flush=True)

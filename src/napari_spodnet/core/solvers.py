@@ -74,15 +74,13 @@ def _initial_step(op: SPoDOperator, y: torch.Tensor, step) -> tuple[float, bool]
     raise SPoDInputError(f"step must be 'bound', 'power', 'backtracking' or a number, got {step!r}")
 
 
-def _momentum_step(x, x_new, res, res_new, f_prev, f_new, t, restart: bool, rise_tol: float, per_item, batched: bool,
-                   out=None):
+def _momentum_step(x, x_new, res, res_new, f_prev, f_new, t, restart: bool, rise_tol: float, per_item, batched: bool):
     """FISTA's extrapolation with function-value restart, for an iterate and a residual tracked with it.
 
     ``res`` is whatever linear image of x the loop carries (the residual ``A x - y`` or its
     low-rank form ``L^T (A x - y)``): the momentum point's one is the same combination.
     Returns ``(x_new, res_new, f_new, z, res_z, t_new, n_restarts)``; where the objective rose
-    (O'Donoghue & Candes), the momentum is dropped and the previous iterate kept. ``out``: an array
-    of x's shape to write z into (neither x nor x_new), instead of a fresh one.
+    (O'Donoghue & Candes), the momentum is dropped and the previous iterate kept.
     """
     t_new = (1 + torch.sqrt(1 + 4 * t * t)) / 2
     beta = (t - 1) / t_new
@@ -101,9 +99,7 @@ def _momentum_step(x, x_new, res, res_new, f_prev, f_new, t, restart: bool, rise
     weight = per_item(1 + beta)
     if not batched:
         weight = float(weight)
-    usable = out is not None and out.shape == x.shape and out.dtype == x.dtype and not isinstance(weight, torch.Tensor)
-    z = torch.lerp(x, x_new, weight, out=out) if usable else torch.lerp(x, x_new, weight)
-    return x_new, res_new, f_new, z, torch.lerp(res, res_new, weight), t_new, n_restarts
+    return x_new, res_new, f_new, torch.lerp(x, x_new, weight), torch.lerp(res, res_new, weight), t_new, n_restarts
 
 
 def _solve(op: SPoDOperator, y, lam: float, *, accelerate: bool, max_iter: int, tol: float, x0, step,
@@ -243,10 +239,6 @@ def _solve_fixed_step(op: SPoDOperator, y: torch.Tensor, x: torch.Tensor, lam: f
     u, f_prev, _ = evaluate(x)
     z, uz = x, u
     z_is_ours = False  # z made by the momentum step, never seen outside: the step may overwrite it
-    # The iterate before last, when this loop made it: the momentum step writes z over it instead of
-    # into a fresh array (page faults). The callback's x is therefore only valid during the call.
-    spare = None
-    x_is_ours = False  # the first x is the caller's (x0) or zeros handed out as such
     t = torch.ones(batch, dtype=op.dtype, device=op.device)
     rise_tol = 10 * torch.finfo(op.dtype).eps  # a rise of a few rounding errors is no reason to restart
     history, times, restarts = [], [], 0
@@ -264,16 +256,12 @@ def _solve_fixed_step(op: SPoDOperator, y: torch.Tensor, x: torch.Tensor, lam: f
             step_norm = torch.linalg.vector_norm(diff, dim=reduce)
         if accelerate:
             x_new, u_new, f_new, z, uz, t, n_restarts = _momentum_step(
-                x, x_new, u, u_new, f_prev, f_new, t, restart, rise_tol, per_item, bool(batch),
-                out=spare if spare is not None and spare is not x_new else None)
+                x, x_new, u, u_new, f_prev, f_new, t, restart, rise_tol, per_item, bool(batch))
             restarts += n_restarts
             z_is_ours = True
-            # x is done with (z has been formed from it) unless a restart kept it as the iterate
-            spare = x if x_is_ours and x_new is not x else None
         else:
             z, uz = x_new, u_new
         x, u, f_prev = x_new, u_new, f_new
-        x_is_ours = True
         history.append(f_new.detach().cpu().numpy().copy())
         times.append(time.perf_counter() - start)
         if not torch.isfinite(f_new).all():
@@ -307,7 +295,6 @@ def fista(op: SPoDOperator, y, lam: float, max_iter: int = 2000, tol: float = 1e
     (power iteration), ``"backtracking"`` (line search) or a number (step on the normalised objective).
     restart : adaptive restart, which keeps the objective from rising.
     callback : ``callback(iteration, objective, x)``; return True to cancel (the result has ``cancelled``).
-        ``x`` is the solver's working array, reused two iterations later: copy it to keep it.
     """
     return _solve(op, y, lam, accelerate=True, max_iter=max_iter, tol=tol, x0=x0, step=step, restart=restart,
                   callback=callback)
