@@ -126,6 +126,9 @@ def main(argv=None) -> None:
                         help="train on the mean objective ** p (TrainingConfig.objective_power; 1: the mean)")
     parser.add_argument("--intensity-jitter", type=float, default=0.0,
                         help="scale training crops by exp(U(-j, j)) (TrainingConfig.intensity_jitter)")
+    parser.add_argument("--relative-loss", type=float, default=None, metavar="P",
+                        help="train on each crop's excess objective over FISTA's, in units of FISTA's excess after "
+                             "100 iterations, to the power P (TrainingConfig.relative_loss, relative_power)")
     args = parser.parse_args(argv)
     if args.teacher_iterations and not args.truth_weight:
         parser.error("--teacher-iterations needs --truth-weight (the weight of the distillation term)")
@@ -154,6 +157,8 @@ def main(argv=None) -> None:
         overrides["intensity_jitter"] = args.intensity_jitter
     if args.excursion_bound:
         overrides["excursion_bound"] = args.excursion_bound
+    if args.relative_loss is not None:
+        overrides.update(relative_loss=True, relative_power=args.relative_loss)
     if args.truth_weight:
         overrides["truth_weight"] = args.truth_weight
         overrides.setdefault("dense_stage_epochs", 0)  # simulated dense crops have no truth
@@ -191,7 +196,7 @@ def main(argv=None) -> None:
                            "puncta clusters" if trainer.config.dense_stage_epochs else ""),
                         script="scripts/train_default_model.py", preset=args.preset,
                         training_observations=args.observations, training_size=args.size,
-                        training_data=args.data, log_loss=args.log_loss,
+                        training_data=args.data, log_loss=args.log_loss, relative_power=args.relative_loss,
                         truth_weight=args.truth_weight, teacher_iterations=args.teacher_iterations)
     if initial is not None:  # the stage before: what this run fine-tuned, and what that cost
         before = initial.metadata.get("training", {})

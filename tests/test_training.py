@@ -750,3 +750,92 @@ def test_a_diverging_dense_stage_keeps_the_finished_schedule(observations, psf, 
     net = trainer.run()
     assert "diverged" in net.metadata["training"]["dense_stage_failure"]
     assert net is trainer.best_state[1] and net.metadata["training"]["cancelled"] is False
+
+
+# -- the relative loss: every crop in units of FISTA iterations ------------------------------------
+
+def test_reference_target_measures_excess_in_units_of_fista_at_the_reference():
+    from napari_spodnet.core.training import RELATIVE_FLOOR, ReferenceTarget, reference_iteration
+
+    assert reference_iteration(300) == 100 and reference_iteration(30) == 10 and reference_iteration(2) == 1
+    history = np.array([[9.0, 5.0], [6.0, 3.0], [4.0, 2.5], [4.0, 2.0]])  # (iterations, crops)
+    target = ReferenceTarget.from_history(history, reference=2, device="cpu")
+    np.testing.assert_allclose(target.best.numpy(), [4.0, 2.0])
+    np.testing.assert_allclose(target.at_reference.numpy(), [6.0, 3.0])
+    # at FISTA's objective after the reference iteration: 1; at its best (or below): the floor
+    np.testing.assert_allclose(target.relative_excess(torch.tensor([6.0, 2.0])).numpy(),
+                               [1 + RELATIVE_FLOOR, RELATIVE_FLOOR], rtol=1e-6)
+    np.testing.assert_allclose(target.relative_excess(torch.tensor([3.0, 4.0])).numpy(),
+                               [RELATIVE_FLOOR, 2 + RELATIVE_FLOOR], rtol=1e-6)
+    both = ReferenceTarget.cat([target[[1]], target[[0]]])
+    np.testing.assert_allclose(both.best.numpy(), [2.0, 4.0])
+    # a crop FISTA solves at once gets a tiny unit, not a division by zero
+    flat = ReferenceTarget.from_history(np.ones((3, 1)), reference=2, device="cpu")
+    assert torch.isfinite(flat.relative_excess(torch.tensor([1.5]))).all()
+
+
+def test_relative_loss_trains_on_a_pool_of_crops_with_fista_run_once_each(observations, psf, monkeypatch):
+    import napari_spodnet.core.training as training
+
+    fista_crops, batches = [], []
+    original_fista, original_loss = training.fista, Trainer._loss
+
+    def fista_spy(op, y, lam, **kwargs):
+        fista_crops.append(y.detach().clone())
+        return original_fista(op, y, lam, **kwargs)
+
+    def loss_spy(self, net, y, target, *args, **kwargs):
+        if torch.is_grad_enabled():
+            batches.append((y.detach().clone(), target))
+        return original_loss(self, net, y, target, *args, **kwargs)
+
+    monkeypatch.setattr(training, "fista", fista_spy)
+    monkeypatch.setattr(Trainer, "_loss", loss_spy)
+    config = TrainingConfig.preset("quick", **{**E2E_TINY, "relative_loss": True, "reference_pool": 2,
+                                                "dense_stage_epochs": 2})
+    trainer = Trainer(observations, psf, config, device="cpu")
+    net = trainer.run()
+    assert [h.stage for h in trainer.history] == ["end-to-end"] * 3 + ["dense"] * 2 + ["done"]
+    referenced = torch.cat([y for y in fista_crops if len(y) <= 4])  # the per-crop runs (4 at a time)
+    for y, target in batches:
+        assert isinstance(target, training.ReferenceTarget) and len(target) == len(y)
+        for crop in y:  # every training crop is one FISTA was run on
+            assert any(torch.equal(crop, r) for r in referenced)
+    # the validation loss is the relative loss too: O(1) in units of FISTA's excess, not an objective
+    losses = [h.val_loss for h in trainer.history[:-1]]
+    assert all(0 < v < 1e3 for v in losses) and min(losses) > 1e-3
+    assert net is trainer.best_state[1]
+
+
+@pytest.mark.parametrize("bad", [dict(relative_power=0.0), dict(relative_power=3.0), dict(reference_pool=0),
+                                 dict(log_loss=True), dict(objective_power=0.5), dict(intensity_jitter=0.5),
+                                 dict(schedule="layerwise"), dict(deep_supervision=0.5), dict(equivalent_iterations=0)])
+def test_bad_relative_loss_settings(bad):
+    with pytest.raises(SPoDInputError):
+        TrainingConfig.preset("quick", **{**E2E_TINY, "relative_loss": True, **bad}).validate()
+
+
+def test_relative_loss_announces_its_fista_runs_and_a_cancel_stops_them(observations, psf, monkeypatch):
+    import napari_spodnet.core.training as training
+
+    runs = []
+    original_fista = training.fista
+    monkeypatch.setattr(training, "fista", lambda *a, **kw: runs.append(1) or original_fista(*a, **kw))
+    config = TrainingConfig.preset("quick", **{**E2E_TINY, "relative_loss": True, "dense_stage_epochs": 1})
+    trainer = Trainer(observations, psf, config, device="cpu")
+    updates = []
+    trainer.run(updates.append)
+    news = [u for u in updates if u.epoch == 0]
+    # one news before the pool of training crops, one before the dense pool (after the stage's own news)
+    assert [u.stage for u in news] == ["end-to-end", "dense", "dense"]
+    assert "on each of 16 training crops" in news[0].message and news[0].fraction == 0.0
+    assert "on each of 8 training crops" in news[2].message
+    assert all(u not in trainer.history for u in news)
+    runs.clear()
+    trainer = Trainer(observations, psf, config, device="cpu")
+    gen = trainer.run_iter()
+    assert next(gen).epoch == 0
+    trainer.cancel()  # asked on the news: no FISTA run starts, and nothing was trained to keep
+    with pytest.raises(TrainingError, match="cancelled"):
+        next(gen)
+    assert runs == []

@@ -88,6 +88,16 @@ class TrainingConfig:
     #: added to the loss (0: off). Learned schedules overshoot in layers 2-3 (up to 1.4x the zero image's
     #: objective) and correct later; the correction is what fails on structures unlike the training data.
     excursion_bound: float = 0.0
+    #: Unsupervised: each crop's objective is measured against FISTA on that crop (restart, same lam,
+    #: ``equivalent_iterations`` iterations, run once per crop): its excess over FISTA's best, relative to
+    #: FISTA's excess after :func:`reference_iteration` iterations, to the power ``relative_power``. FISTA's excess
+    #: falls like 1/k^2, so a crop worth N FISTA iterations scores about (k_ref / N)^(2 p): every crop counts in
+    #: units of FISTA iterations, whatever its photon count or density, and p = 1 weighs the worst crops most.
+    #: The mean objective instead lets the noisiest crops dominate. Training then draws its crops from a pool of
+    #: ``reference_pool`` x ``n_crops`` crops (FISTA runs on each once) rather than fresh ones every epoch.
+    relative_loss: bool = False
+    relative_power: float = 1.0
+    reference_pool: int = 4
     #: A last stage of this many epochs (0: none) in which ``dense_fraction`` of the training and validation
     #: crops come from simulated dense puncta clusters (``core.families`` "clusters") blurred with the training
     #: PSF, at 0.2x the rates (``FINE_TUNE_RATE``). A schedule learned on sparse data alone can overshoot and
@@ -136,7 +146,7 @@ class TrainingConfig:
     def validate(self) -> None:
         numbers = ("lam", "alpha", "lr", "scalar_lr", "filter_lr", "step2_new", "step2_old", "gamma",
                    "deep_supervision", "truth_weight", "intensity_jitter", "objective_power", "excursion_bound",
-                   "dense_fraction")
+                   "dense_fraction", "relative_power")
         for name in numbers:
             value = getattr(self, name)
             if value is None and name in ("scalar_lr", "filter_lr"):
@@ -144,12 +154,14 @@ class TrainingConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise SPoDInputError(f"Invalid training setting: {name} must be a finite number, got {value!r}.")
         integers = ("n_layers", "n_harmonics", "e2e_epochs", "equivalent_iterations", "epochs", "batch_size",
-                    "n_crops", "crop_size", "n_val_crops", "supervised_iterations", "seed", "dense_stage_epochs")
+                    "n_crops", "crop_size", "n_val_crops", "supervised_iterations", "seed", "dense_stage_epochs",
+                    "reference_pool")
         for name in integers:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise SPoDInputError(f"Invalid training setting: {name} must be a whole number, got {value!r}.")
-        flags = ("momentum", "untied", "preconditioned", "noise_adaptive", "fresh_crops", "log_loss", "flips", "preprocess")
+        flags = ("momentum", "untied", "preconditioned", "noise_adaptive", "fresh_crops", "log_loss", "flips", "preprocess",
+                 "relative_loss")
         for name in flags:
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise SPoDInputError(f"Invalid training setting: {name} must be True or False, "
@@ -197,6 +209,16 @@ class TrainingConfig:
             (0 <= self.intensity_jitter <= 3, "intensity_jitter must be in [0, 3]"),
             (0 < self.objective_power <= 1, "objective_power must be in (0, 1]"),
             (self.objective_power == 1 or not self.log_loss, "choose log_loss or objective_power, not both"),
+            (0 < self.relative_power <= 2, "relative_power must be in (0, 2]"),
+            (self.reference_pool >= 1, "reference_pool must be >= 1"),
+            (not self.relative_loss or (self.loss == "unsupervised" and self.schedule == "end-to-end"
+                                        and self.truth_weight == 0 and self.deep_supervision == 0
+                                        and self.excursion_bound == 0 and not self.log_loss
+                                        and self.objective_power == 1 and self.intensity_jitter == 0
+                                        and self.equivalent_iterations >= 3),
+             "relative_loss needs the unsupervised end-to-end schedule without truth_weight, deep supervision, "
+             "excursion_bound, log_loss, objective_power or intensity_jitter, and equivalent_iterations >= 3 "
+             "(FISTA's reference on each crop)"),
             (self.intensity_jitter == 0 or (self.truth_weight == 0 and self.loss == "unsupervised"),
              "intensity_jitter needs the unsupervised loss without truth_weight"),
             (self.truth_weight == 0 or (self.loss == "unsupervised" and self.schedule == "end-to-end"
@@ -417,6 +439,50 @@ class TruthTarget:
         return TruthTarget(self.image[index])
 
 
+def reference_iteration(equivalent_iterations: int) -> int:
+    """The FISTA iteration whose excess objective is the relative loss's unit (100, or a third of the run)."""
+    return min(100, max(1, equivalent_iterations // 3))
+
+
+#: The relative loss's floor: a crop already at FISTA's best still scores this (and keeps a finite
+#: gradient when ``relative_power`` < 1).
+RELATIVE_FLOOR = 1e-3
+
+
+@dataclass
+class ReferenceTarget:
+    """FISTA on each crop, for the relative loss: its best objective and its objective after
+    :func:`reference_iteration` iterations, (n,) tensors (normalised units)."""
+
+    best: torch.Tensor
+    at_reference: torch.Tensor
+
+    @classmethod
+    def from_history(cls, history: np.ndarray, reference: int, device) -> "ReferenceTarget":
+        """``history``: (iterations, n) objectives of FISTA on n crops."""
+        history = np.asarray(history, dtype=np.float64)
+        best = history.min(axis=0)
+        at_reference = history[min(reference, len(history)) - 1]
+        # a crop FISTA solves at once (all zero) has no excess to speak of: give it a tiny unit
+        scale = np.maximum(at_reference - best, 1e-6 * np.maximum(np.abs(best), 1e-30))
+        return cls(torch.as_tensor(best, dtype=torch.float32, device=device),
+                   torch.as_tensor(best + scale, dtype=torch.float32, device=device))
+
+    def __getitem__(self, index) -> "ReferenceTarget":
+        return ReferenceTarget(self.best[index], self.at_reference[index])
+
+    def __len__(self) -> int:
+        return len(self.best)
+
+    @staticmethod
+    def cat(targets) -> "ReferenceTarget":
+        return ReferenceTarget(torch.cat([t.best for t in targets]), torch.cat([t.at_reference for t in targets]))
+
+    def relative_excess(self, objective: torch.Tensor) -> torch.Tensor:
+        """(n,) objectives -> (n,) excess over FISTA's best in units of FISTA's excess at the reference."""
+        return (objective - self.best).clamp_min(0) / (self.at_reference - self.best) + RELATIVE_FLOOR
+
+
 class Trainer:
     """Runs layer-wise training; use :meth:`run_iter` for progress, :meth:`cancel` to stop early."""
 
@@ -519,6 +585,9 @@ class Trainer:
         if self.config.excursion_bound > 0 and target is None and torch.is_grad_enabled() and n_layers > 1:
             return self._bounded_excursion_loss(net, y, n_layers)
         x = net(y, n_layers=n_layers)
+        if isinstance(target, ReferenceTarget):
+            relative = target.relative_excess(self.op.objective(y, x, self.config.lam))
+            return relative.pow(self.config.relative_power).mean()
         if isinstance(target, TruthTarget):
             return self._mixed_loss(y, x, target.image)
         if target is None:
@@ -562,6 +631,25 @@ class Trainer:
         if self.config.loss != "supervised":
             return None
         return fista(self.op, y, self.config.lam, max_iter=self.config.supervised_iterations, tol=1e-7).x
+
+    def _fista_histories(self, y: torch.Tensor, chunk: int = 4) -> np.ndarray | None:
+        """FISTA (restart, same lam, ``equivalent_iterations``) on each crop: (iterations, n) objectives,
+        or None when the run is cancelled meanwhile. Runs a few crops at a time (on a CPU, 24 crops at once
+        cost more than 6 runs of 4), and a cancel is seen between them."""
+        n, parts = self.config.equivalent_iterations, []
+        for i in range(0, len(y), chunk):
+            if self._cancel:
+                return None
+            result = fista(self.op, y[i:i + chunk], self.config.lam, max_iter=n, tol=0)
+            parts.append(np.asarray(result.history, dtype=np.float64).reshape(n, -1))
+        return np.concatenate(parts, axis=1)
+
+    def _references(self, y: torch.Tensor) -> "ReferenceTarget | None":
+        history = self._fista_histories(y)
+        if history is None:
+            return None
+        return ReferenceTarget.from_history(history, reference_iteration(self.config.equivalent_iterations),
+                                            self.device)
 
     def _fista_reference(self, val: torch.Tensor) -> np.ndarray | None:
         """Mean FISTA objective over the validation crops after each iteration (restart, same lam)."""
@@ -628,16 +716,26 @@ class Trainer:
                 y = y * torch.as_tensor(gains, dtype=y.dtype, device=y.device)[:, None, None, None]
             return y, targets
 
-        train, train_targets = new_crops()
-        val, val_targets = crops(self.val_frames, self.val_truths, cfg.n_val_crops,
-                                 np.random.default_rng(cfg.seed + 1), False)
-        self._fista_history = self._fista_reference(val)
-        net = self.net = self._new_network() if self.initial is None else self.initial
-        if self.initial is not None:
-            # The network as given competes for "best": fine-tuning never hands back a worse one, and a
-            # cancel before the first epoch returns it unchanged.
-            with torch.no_grad():
-                self._remember(net, float(self._loss(net, val, val_targets, cfg.n_layers)))
+        def pool_of(frames, n):
+            """The relative loss's crops: ``n`` crops and FISTA's reference on each (run once); None when
+            cancelled meanwhile."""
+            y = crops(frames, None, n, rng, self.flips)[0]
+            references = self._references(y)
+            return None if references is None else (y, references)
+
+        def pool_news(n, stage, epochs_of_stage):
+            # FISTA on every crop of the pool takes seconds to a minute on a CPU: say so
+            last = self.history[-1] if self.history else None
+            return TrainingProgress(cfg.n_layers, cfg.n_layers, stage, 0, epochs_of_stage,
+                                    last.train_loss if last else float("nan"), last.val_loss if last else float("nan"),
+                                    time.perf_counter() - start, state["done"] / total_epochs if last else 0.0,
+                                    f"relative loss: FISTA ({cfg.equivalent_iterations} iterations) on each of {n} "
+                                    f"training crops, once…")
+
+        def draw(pool, n):
+            idx = torch.as_tensor(rng.choice(len(pool[0]), size=n, replace=False), device=self.device)
+            return pool[0][idx], pool[1][idx]
+
         steps_per_epoch = max(1, int(np.ceil(cfg.n_crops / cfg.batch_size)))
         layerwise = cfg.schedule != "end-to-end"
         end_to_end = cfg.schedule != "layerwise"
@@ -645,9 +743,30 @@ class Trainer:
         e2e_epochs = (cfg.e2e_epochs or cfg.epochs) if cfg.schedule == "end-to-end" else cfg.e2e_epochs
         total_epochs = ((cfg.epochs * (2 * cfg.n_layers - 1) if layerwise else 0) + (e2e_epochs if end_to_end else 0)
                         + cfg.dense_stage_epochs)
+        state = {"done": 0}
+        if cfg.relative_loss:
+            yield pool_news(cfg.reference_pool * cfg.n_crops, "end-to-end", e2e_epochs)
+            own_pool = pool_of(self.frames, cfg.reference_pool * cfg.n_crops)
+            if own_pool is None:
+                return self._finish(start, cancelled=True)
+            new_crops = lambda: draw(own_pool, cfg.n_crops)  # noqa: E731 (the stage's crop source)
+        train, train_targets = new_crops()
+        val, val_targets = crops(self.val_frames, self.val_truths, cfg.n_val_crops,
+                                 np.random.default_rng(cfg.seed + 1), False)
+        if cfg.relative_loss:
+            val_targets = self._references(val)
+            if val_targets is None:
+                return self._finish(start, cancelled=True)
+        self._fista_history = self._fista_reference(val)
+        net = self.net = self._new_network() if self.initial is None else self.initial
+        if self.initial is not None:
+            # The network as given competes for "best": fine-tuning never hands back a worse one, and a
+            # cancel before the first epoch returns it unchanged.
+            with torch.no_grad():
+                self._remember(net, float(self._loss(net, val, val_targets, cfg.n_layers)))
         # what a stage trains and validates on (the dense stage swaps them)
-        state = {"done": 0, "initial": None, "train": train, "targets": train_targets, "new_crops": new_crops,
-                 "val": val, "val_targets": val_targets}
+        state.update(initial=None, train=train, targets=train_targets, new_crops=new_crops, val=val,
+                     val_targets=val_targets)
         scalar_lr = cfg.lr if cfg.scalar_lr is None else cfg.scalar_lr
         filter_lr = cfg.lr if cfg.filter_lr is None else cfg.filter_lr
 
@@ -761,10 +880,26 @@ class Trainer:
                 extra = crops(dense, None, n_dense, rng, self.flips)[0]
                 return jittered(extra if own is None else torch.cat([own, extra]), None)
 
+            if cfg.relative_loss:
+                yield pool_news(cfg.reference_pool * n_dense, "dense", cfg.dense_stage_epochs)
+                dense_pool = pool_of(dense, cfg.reference_pool * n_dense)
+                if dense_pool is None:
+                    return self._finish(start, cancelled=True)
+
+                def mixed_crops():  # noqa: F811 (the relative loss draws from the pools)
+                    parts = ([draw(own_pool, n_own)] if n_own else []) + [draw(dense_pool, n_dense)]
+                    return torch.cat([y for y, _ in parts]), ReferenceTarget.cat([t for _, t in parts])
+
             # validation: the crops so far plus as many dense ones as the fraction asks (at least one)
             n_dense_val = max(1, round(cfg.n_val_crops * cfg.dense_fraction / (1 - cfg.dense_fraction)))
             dense_val_crops = crops(dense_val, None, n_dense_val, np.random.default_rng(cfg.seed + 2), False)[0]
-            state.update(new_crops=mixed_crops, val=torch.cat([val, dense_val_crops]), val_targets=None,
+            dense_val_targets = None
+            if cfg.relative_loss:
+                dense_val_references = self._references(dense_val_crops)
+                if dense_val_references is None:
+                    return self._finish(start, cancelled=True)
+                dense_val_targets = ReferenceTarget.cat([val_targets, dense_val_references])
+            state.update(new_crops=mixed_crops, val=torch.cat([val, dense_val_crops]), val_targets=dense_val_targets,
                          initial=None)
             state["train"], state["targets"] = mixed_crops()
             self._fista_history = self._fista_reference(state["val"])
@@ -772,7 +907,7 @@ class Trainer:
             # competes, so the stage never hands back a network worse on them
             self.best_state = None
             with torch.no_grad():
-                self._remember(net, float(self._loss(net, state["val"], None, cfg.n_layers)))
+                self._remember(net, float(self._loss(net, state["val"], state["val_targets"], cfg.n_layers)))
             self._return_best = True
             # a fifth of the rates, unless this is a fine-tuning whose rates the caller already scaled
             factor = 1.0 if self.initial is not None else FINE_TUNE_RATE
