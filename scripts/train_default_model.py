@@ -177,7 +177,9 @@ def main(argv=None) -> None:
                       truths=truths, validation_truths=val_truths, initial=initial)
 
     def report(p) -> None:
-        if p.epoch % 10 == 0 or p.stage == "done":
+        if p.epoch == 0:  # a stage's news (its preparation), no losses yet
+            print(p.message, flush=True)
+        elif p.epoch % 10 == 0 or p.stage == "done":
             print(f"{p.message}: train {p.train_loss:.6g} val {p.val_loss:.6g} ({p.elapsed:.0f} s)", flush=True)
 
     net = trainer.run(report)

@@ -101,7 +101,7 @@ def test_spodnet_vs_fista_quick(tmp_path):
     deep = [info for key, info in result["variants"].items() if "20 layers" in key]
     assert len(deep) == 1 and deep[0]["config"]["n_layers"] == 5  # (its quick mode: 5 layers against 3)
     assert any("supervised" in key for key in result["variants"])
-    assert any("without the dense stage" in key for key in result["variants"])
+    assert any("mean objective" in key for key in result["variants"])
     for case in result["cases"]:
         assert np.isfinite(case["fista_best_psnr"])
         for row in case["networks"].values():

@@ -393,6 +393,8 @@ def test_flip_needs_channel_mirror_for_physical_crops():
 
 E2E_TINY = dict(n_layers=3, n_crops=4, batch_size=2, crop_size=32, n_val_crops=2, epochs=3,
                 equivalent_iterations=40, dense_stage_epochs=0)
+#: quick with the mean objective as its loss, for options the relative loss excludes (and their tests)
+E2E_MEAN = {**E2E_TINY, "relative_loss": False}
 
 
 def test_presets_are_described_and_valid():
@@ -446,8 +448,9 @@ def test_fista_equivalent_interpolates_and_bounds():
 
 @pytest.mark.parametrize("overrides", [
     dict(untied=True, filter_lr=1e-5),
-    dict(schedule="layerwise+end-to-end", epochs=1, e2e_epochs=2, deep_supervision=0.5, log_loss=True),
-    dict(loss="supervised", supervised_iterations=20),
+    dict(schedule="layerwise+end-to-end", epochs=1, e2e_epochs=2, deep_supervision=0.5, log_loss=True,
+         relative_loss=False),
+    dict(loss="supervised", supervised_iterations=20, relative_loss=False),
 ])
 def test_end_to_end_variants_run(observations, psf, overrides):
     net, history = train_spodnet(observations, psf, preset="quick", device="cpu", **{**E2E_TINY, **overrides})
@@ -520,7 +523,7 @@ def test_fine_tuning_never_returns_a_worse_network(observations, psf):
 # -- bounded excursions of the intermediate layers --------------------------------------------------
 
 def test_excursion_bound_penalises_only_intermediate_objectives_above_it(observations, psf):
-    config = TrainingConfig.preset("quick", **{**E2E_TINY, "excursion_bound": 100.0})
+    config = TrainingConfig.preset("quick", **{**E2E_MEAN, "excursion_bound": 100.0})
     trainer = Trainer(observations, psf, config, device="cpu")
     net = trainer._new_network()
     for _ in range(3):
@@ -547,13 +550,13 @@ def test_excursion_bound_penalises_only_intermediate_objectives_above_it(observa
 
 def test_excursion_bound_trains_and_is_validated(observations, psf):
     net, history = train_spodnet(observations, psf, preset="quick", device="cpu",
-                                 **{**E2E_TINY, "excursion_bound": 0.3})
+                                 **{**E2E_MEAN, "excursion_bound": 0.3})
     assert history[-1].stage == "done" and net.metadata["training"]["config"]["excursion_bound"] == 0.3
     for bad in (dict(excursion_bound=-1.0), dict(excursion_bound=0.3, deep_supervision=0.5),
                 dict(excursion_bound=0.3, schedule="layerwise"), dict(excursion_bound=0.3, log_loss=True),
                 dict(excursion_bound=0.3, schedule="layerwise+end-to-end", e2e_epochs=1)):
         with pytest.raises(SPoDInputError, match="excursion_bound"):
-            train_spodnet(observations, psf, preset="quick", device="cpu", **{**E2E_TINY, **bad})
+            train_spodnet(observations, psf, preset="quick", device="cpu", **{**E2E_MEAN, **bad})
 
 
 # -- truth-supervised mixed loss (simulated ground truth) ---------------------------------------------
@@ -572,7 +575,7 @@ def test_truth_crops_are_what_the_observation_crops_see(psf):
 def test_truth_weight_trains_and_lowers_truth_error(psf):
     sims = [simulate((48, 48), psf=psf, seed=s, photons=500) for s in range(3)]
     obs, truths = [s.observation for s in sims], [s.truth for s in sims]
-    config = TrainingConfig.preset("quick", **{**E2E_TINY, "epochs": 6, "truth_weight": 0.5})
+    config = TrainingConfig.preset("quick", **{**E2E_MEAN, "epochs": 6, "truth_weight": 0.5})
     trainer = Trainer(obs[:2], psf, config, device="cpu", truths=truths[:2],
                       validation_observations=obs[2:], validation_truths=truths[2:])
     net = trainer.run()
@@ -583,14 +586,14 @@ def test_truth_weight_trains_and_lowers_truth_error(psf):
 
 
 def test_truth_weight_needs_truths(observations, psf):
-    config = TrainingConfig.preset("quick", **{**E2E_TINY, "truth_weight": 0.5})
+    config = TrainingConfig.preset("quick", **{**E2E_MEAN, "truth_weight": 0.5})
     with pytest.raises(SPoDInputError, match="ground truth"):
         Trainer(observations, psf, config, device="cpu")
     with pytest.raises(SPoDInputError, match="ground truth"):
         Trainer(observations, psf, config, device="cpu", truths=[np.zeros((C, 5, 5))] * len(observations))
     for bad in (dict(truth_weight=1.0), dict(truth_weight=-0.1), dict(truth_weight=0.5, schedule="layerwise")):
         with pytest.raises(SPoDInputError):
-            TrainingConfig.preset("quick", **{**E2E_TINY, **bad}).validate()
+            TrainingConfig.preset("quick", **{**E2E_MEAN, **bad}).validate()
 
 
 # -- loss weighting across crops and intensity jitter -------------------------------------------------
@@ -598,16 +601,16 @@ def test_truth_weight_needs_truths(observations, psf):
 def test_objective_power_weighs_crops_by_their_objective(observations, psf):
     objective = torch.tensor([1e-4, 4e-3], dtype=torch.float64)
     def loss(**kw):
-        return Trainer(observations, psf, TrainingConfig.preset("quick", **{**E2E_TINY, **kw}), device="cpu")._reduce(
+        return Trainer(observations, psf, TrainingConfig.preset("quick", **{**E2E_MEAN, **kw}), device="cpu")._reduce(
             objective)
     assert float(loss()) == pytest.approx(float(objective.mean()))
     assert float(loss(objective_power=0.5)) == pytest.approx(float(objective.sqrt().mean()))
     assert float(loss(log_loss=True)) == pytest.approx(float(objective.log().mean()))
     for bad in (dict(objective_power=0.0), dict(objective_power=1.5), dict(objective_power=0.5, log_loss=True)):
         with pytest.raises(SPoDInputError):
-            TrainingConfig.preset("quick", **{**E2E_TINY, **bad}).validate()
+            TrainingConfig.preset("quick", **{**E2E_MEAN, **bad}).validate()
     net, history = train_spodnet(observations, psf, preset="quick", device="cpu",
-                                 **{**E2E_TINY, "objective_power": 0.5})
+                                 **{**E2E_MEAN, "objective_power": 0.5})
     assert history[-1].stage == "done" and np.isfinite(history[-1].val_loss)
 
 
@@ -627,7 +630,7 @@ def test_intensity_jitter_scales_training_crops_only(observations, psf, monkeypa
     monkeypatch.setattr(training.Trainer, "_loss", spy)
     for jitter in (0.0, 1.0):
         seen.clear()
-        train_spodnet(observations, psf, preset="quick", device="cpu", **{**E2E_TINY, "intensity_jitter": jitter})
+        train_spodnet(observations, psf, preset="quick", device="cpu", **{**E2E_MEAN, "intensity_jitter": jitter})
         train_peaks = np.array([p for grad, peaks in seen if grad for p in peaks])
         val_peaks = np.array([p for grad, peaks in seen if not grad for p in peaks])
         np.testing.assert_allclose(val_peaks, 1.0)  # validation crops are never scaled
@@ -659,7 +662,7 @@ def test_dense_stage_trains_on_simulated_clusters_with_the_training_psf(observat
 
     monkeypatch.setattr(families, "simulate_family", family_spy)
     monkeypatch.setattr(training.torch.optim, "Adam", adam_spy)
-    config = TrainingConfig.preset("quick", **{**E2E_TINY, "dense_stage_epochs": 2})
+    config = TrainingConfig.preset("quick", **{**E2E_MEAN, "dense_stage_epochs": 2})
     trainer = Trainer(observations, psf, config, device="cpu")
     updates = []
     net = trainer.run(updates.append)
@@ -686,8 +689,8 @@ def test_dense_stage_trains_on_simulated_clusters_with_the_training_psf(observat
 
 
 def test_dense_stage_leaves_the_stage_before_it_unchanged(observations, psf):
-    _, plain = train_spodnet(observations, psf, preset="quick", device="cpu", **E2E_TINY)
-    _, dense = train_spodnet(observations, psf, preset="quick", device="cpu", **{**E2E_TINY, "dense_stage_epochs": 1})
+    _, plain = train_spodnet(observations, psf, preset="quick", device="cpu", **E2E_MEAN)
+    _, dense = train_spodnet(observations, psf, preset="quick", device="cpu", **{**E2E_MEAN, "dense_stage_epochs": 1})
     assert [h.val_loss for h in dense[:3]] == [h.val_loss for h in plain[:3]]
     assert dense[3].stage == "dense" and dense[3].val_loss != plain[2].val_loss  # other validation crops
 

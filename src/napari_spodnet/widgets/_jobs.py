@@ -19,6 +19,7 @@ from qtpy.QtCore import QObject, QTimer
 from qtpy.QtWidgets import QWidget
 
 from ..core.recover import RecoveryCancelled
+from ..core.training import TrainingError
 from ..core.validation import SPoDInputError
 from ._layers import match_marked_psfs
 from ._notify import error_message, notify_error, notify_info
@@ -75,8 +76,9 @@ class _Outcome:
 
 
 def _failure(exc: Exception) -> _Outcome:
-    """An error outcome; unexpected errors (not the user-facing SPoDInputError) keep their traceback on stderr."""
-    if not isinstance(exc, SPoDInputError):
+    """An error outcome; unexpected errors keep their traceback on stderr. SPoDInputError and TrainingError
+    (a divergence, a stop before anything was trained) are messages for the user, shown by the widget."""
+    if not isinstance(exc, (SPoDInputError, TrainingError)):
         traceback.print_exc()
     return _Outcome("error", error=exc)
 

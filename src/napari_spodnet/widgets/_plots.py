@@ -137,7 +137,9 @@ class CurvePlot(QWidget):
                     yield x, y
 
     def _want_log(self) -> bool:
-        return self._logy and all(y > 0 for _x, y in self._finite_points())
+        # an empty plot stays linear: matplotlib's default log range (1 to 10) would label all its minor ticks
+        ys = [y for _x, y in self._finite_points()]
+        return self._logy and bool(ys) and all(y > 0 for y in ys)
 
     def _limits(self, tight: bool):
         """(x limits, y limits) around the data, with room unless ``tight``; None where there are no data."""

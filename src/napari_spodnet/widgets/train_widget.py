@@ -36,6 +36,8 @@ from ..core.training import (
     TrainingConfig,
     TrainingError,
     TrainingProgress,
+    loss_unit,
+    reference_iteration,
 )
 from ..core.validation import SPoDInputError
 from ._controls import ProgressRow, make_spin
@@ -88,6 +90,7 @@ class TrainWidget(JobWidget):
         self.model = None
         self.model_name: str | None = None
         self._epoch_count = 0
+        self._loss_unit = "objective (eq. 5)"
 
         s = self.settings
         self.layers_list = LayerListPicker(napari_viewer, is_observation_candidate, prefer_kind="observation")
@@ -331,6 +334,10 @@ class TrainWidget(JobWidget):
         self._sources = [layer.name for layer in layers]
         self._epoch_count = 0
         self.plot.clear()
+        # the relative loss is in units of FISTA's excess objective at the reference iteration, not an objective
+        self.plot.axes.set_ylabel(f"loss (1 = FISTA at {reference_iteration(config.equivalent_iterations)} it.)"
+                                  if config.relative_loss else "loss L", fontsize=8)
+        self._loss_unit = loss_unit(config)
         self.progress.set_busy()
         self.progress.set_text("Preparing training crops…")
         self.start_button.setText("Stop")
@@ -373,7 +380,8 @@ class TrainWidget(JobWidget):
         self.save_button.setEnabled(True)
         best = training.get("best_val_loss")
         text = (f"{'Stopped early' if cancelled else 'Training finished'}: {net.n_layers} layer(s) in "
-                f"{training.get('seconds', 0):.1f} s" + (f", best validation loss {best:.4g}" if best is not None else ""))
+                f"{training.get('seconds', 0):.1f} s"
+                + (f", best validation loss {best:.4g} ({self._loss_unit})" if best is not None else ""))
         if cancelled:
             # a partial model is offered, never silently chosen in place of the user's model
             text += (f". Kept the best model so far as '{self.model_name}': offered in Recover and FISTA "
