@@ -30,7 +30,7 @@ with the mean objective as its loss (``quick`` of sessions 18-19), the same with
 of 10 (each layer costs about one FISTA iteration, so the speed-up column says whether depth pays
 at equal wall time), the paper's layer-wise Algorithm 1 (``quick-layerwise``) and the ``quick``
 recipe with the supervised loss (eq. 8) against FISTA-500 solutions (distillation). For the
-Gaussian PSF only the first three are trained (with that PSF). About 27 min on 2 CPU cores.
+Gaussian PSF only the first three are trained (with that PSF). About 20 min on 2 CPU cores.
 Writes ``spodnet_vs_fista.json`` and ``.md`` to ``--out``.
 """
 
