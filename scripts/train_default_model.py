@@ -128,7 +128,8 @@ def main(argv=None) -> None:
                         help="scale training crops by exp(U(-j, j)) (TrainingConfig.intensity_jitter)")
     parser.add_argument("--relative-loss", type=float, default=None, metavar="P",
                         help="train on each crop's excess objective over FISTA's, in units of FISTA's excess after "
-                             "100 iterations, to the power P (TrainingConfig.relative_loss, relative_power)")
+                             "100 iterations, to the power P (TrainingConfig.relative_loss, relative_power); 0: the "
+                             "mean objective (default: the preset's)")
     args = parser.parse_args(argv)
     if args.teacher_iterations and not args.truth_weight:
         parser.error("--teacher-iterations needs --truth-weight (the weight of the distillation term)")
@@ -157,7 +158,9 @@ def main(argv=None) -> None:
         overrides["intensity_jitter"] = args.intensity_jitter
     if args.excursion_bound:
         overrides["excursion_bound"] = args.excursion_bound
-    if args.relative_loss is not None:
+    if args.relative_loss == 0:
+        overrides["relative_loss"] = False
+    elif args.relative_loss is not None:
         overrides.update(relative_loss=True, relative_power=args.relative_loss)
     if args.truth_weight:
         overrides["truth_weight"] = args.truth_weight
@@ -198,7 +201,8 @@ def main(argv=None) -> None:
                            "puncta clusters" if trainer.config.dense_stage_epochs else ""),
                         script="scripts/train_default_model.py", preset=args.preset,
                         training_observations=args.observations, training_size=args.size,
-                        training_data=args.data, log_loss=args.log_loss, relative_power=args.relative_loss,
+                        training_data=args.data, log_loss=args.log_loss,
+                        relative_power=config.relative_power if config.relative_loss else None,
                         truth_weight=args.truth_weight, teacher_iterations=args.teacher_iterations)
     if initial is not None:  # the stage before: what this run fine-tuned, and what that cost
         before = initial.metadata.get("training", {})

@@ -810,12 +810,42 @@ def test_relative_loss_trains_on_a_pool_of_crops_with_fista_run_once_each(observ
     assert net is trainer.best_state[1]
 
 
-@pytest.mark.parametrize("bad", [dict(relative_power=0.0), dict(relative_power=3.0), dict(reference_pool=0),
-                                 dict(log_loss=True), dict(objective_power=0.5), dict(intensity_jitter=0.5),
-                                 dict(schedule="layerwise"), dict(deep_supervision=0.5), dict(equivalent_iterations=0)])
-def test_bad_relative_loss_settings(bad):
-    with pytest.raises(SPoDInputError):
-        TrainingConfig.preset("quick", **{**E2E_TINY, "relative_loss": True, **bad}).validate()
+@pytest.mark.parametrize("bad", [dict(relative_power=0.0), dict(relative_power=3.0), dict(reference_pool=0)])
+def test_bad_relative_loss_numbers(bad):
+    with pytest.raises(SPoDInputError, match="relative_power|reference_pool"):
+        TrainingConfig.preset("quick", **{**E2E_TINY, **bad}).validate()
+
+
+@pytest.mark.parametrize("bad", [dict(log_loss=True), dict(objective_power=0.5), dict(intensity_jitter=0.5),
+                                 dict(schedule="layerwise"), dict(deep_supervision=0.5), dict(equivalent_iterations=0),
+                                 dict(truth_weight=0.5), dict(excursion_bound=0.3), dict(loss="supervised"),
+                                 dict(schedule="layerwise+end-to-end", e2e_epochs=1)])
+def test_settings_the_relative_loss_cannot_serve_name_the_way_out(bad):
+    with pytest.raises(SPoDInputError, match="relative_loss=False"):
+        TrainingConfig.preset("quick", **{**E2E_TINY, **bad}).validate()
+    TrainingConfig.preset("quick", **{**E2E_TINY, **bad, "relative_loss": False}).validate()
+
+
+def test_fine_tuning_on_the_relative_loss_stopped_during_the_pool_returns_the_given_network(observations, psf):
+    base, _ = train_spodnet(observations, psf, preset="quick", device="cpu", **E2E_TINY)
+    config = TrainingConfig.preset("quick", **E2E_TINY)
+    for how in ("stop", "ctrl-c"):
+        trainer = Trainer(observations, psf, config, device="cpu", initial=base)
+        gen = trainer.run_iter()
+        news = next(gen)
+        assert news.epoch == 0 and "training crops" in news.message
+        if how == "stop":
+            trainer.cancel()
+            with pytest.raises(StopIteration) as stop:
+                next(gen)
+            net = stop.value.value
+        else:  # Ctrl-C in the CLI: the generator is abandoned during the pool's FISTA runs
+            net = trainer.finish_cancelled()
+        assert net.metadata["training"]["cancelled"] is True
+        for a, b in zip(_params(base), _params(net)):
+            torch.testing.assert_close(a, b)
+        # scored in the relative loss's units (about 1 = FISTA after the reference iteration), not as an objective
+        assert 0.05 < net.metadata["training"]["best_val_loss"] < 100
 
 
 def test_relative_loss_announces_its_fista_runs_and_a_cancel_stops_them(observations, psf, monkeypatch):
@@ -823,7 +853,7 @@ def test_relative_loss_announces_its_fista_runs_and_a_cancel_stops_them(observat
 
     runs = []
     original_fista = training.fista
-    monkeypatch.setattr(training, "fista", lambda *a, **kw: runs.append(1) or original_fista(*a, **kw))
+    monkeypatch.setattr(training, "fista", lambda op, y, *a, **kw: runs.append(len(y)) or original_fista(op, y, *a, **kw))
     config = TrainingConfig.preset("quick", **{**E2E_TINY, "relative_loss": True, "dense_stage_epochs": 1})
     trainer = Trainer(observations, psf, config, device="cpu")
     updates = []
@@ -838,7 +868,8 @@ def test_relative_loss_announces_its_fista_runs_and_a_cancel_stops_them(observat
     trainer = Trainer(observations, psf, config, device="cpu")
     gen = trainer.run_iter()
     assert next(gen).epoch == 0
-    trainer.cancel()  # asked on the news: no FISTA run starts, and nothing was trained to keep
+    assert runs == [2]  # before the news: FISTA on the 2 validation crops only (about a second)
+    trainer.cancel()  # asked on the news: no FISTA run on the pool starts, and nothing was trained to keep
     with pytest.raises(TrainingError, match="cancelled"):
         next(gen)
-    assert runs == []
+    assert runs == [2]

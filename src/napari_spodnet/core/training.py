@@ -454,6 +454,12 @@ def loss_unit(config: "TrainingConfig") -> str:
     if config.relative_loss:
         return (f"relative: 1 = FISTA's objective after {reference_iteration(config.equivalent_iterations)} "
                 "iterations, on each crop")
+    if config.truth_weight > 0:
+        return "objective and truth error mixed, each relative to the untrained network's"
+    if config.log_loss:
+        return "mean log objective (validation: objective, eq. 5)"
+    if config.objective_power != 1:
+        return f"mean objective^{config.objective_power:g} (validation: objective, eq. 5)"
     return "objective (eq. 5)"
 
 
@@ -761,13 +767,17 @@ class Trainer:
         val, val_targets = crops(self.val_frames, self.val_truths, cfg.n_val_crops,
                                  np.random.default_rng(cfg.seed + 1), False)
         if cfg.relative_loss:
+            val_targets = self._references(val)  # a few crops: about a second
+            if val_targets is None:
+                return self._finish(start, cancelled=True)
+            if self.initial is not None:
+                # fine-tuning: the network as given is "best" before the pool's long FISTA runs, so that a stop
+                # (or Ctrl-C, ``finish_cancelled``) during them hands it back, scored in the loss's own units
+                with torch.no_grad():
+                    self._remember(self.initial, float(self._loss(self.initial, val, val_targets, cfg.n_layers)))
             yield pool_news(cfg.reference_pool * cfg.n_crops, "end-to-end", e2e_epochs)
             own_pool = pool_of(self.frames, cfg.reference_pool * cfg.n_crops)
-            val_targets = None if own_pool is None else self._references(val)
-            if val_targets is None:  # cancelled before any training
-                if self.initial is not None:  # fine-tuning: the network as given comes back, not an error
-                    with torch.no_grad():
-                        self._remember(self.initial, float(self._loss(self.initial, val, None, cfg.n_layers)))
+            if own_pool is None:  # cancelled meanwhile
                 return self._finish(start, cancelled=True)
             new_crops = lambda: draw(own_pool, cfg.n_crops)  # noqa: E731 (the stage's crop source)
         train, train_targets = new_crops()

@@ -333,10 +333,11 @@ class TrainWidget(JobWidget):
         observations = [layer.data for layer in layers]
         self._sources = [layer.name for layer in layers]
         self._epoch_count = 0
-        self.plot.clear()
         # the relative loss is in units of FISTA's excess objective at the reference iteration, not an objective
+        # (set before clear(), whose full redraw shows it)
         self.plot.axes.set_ylabel(f"loss (1 = FISTA at {reference_iteration(config.equivalent_iterations)} it.)"
                                   if config.relative_loss else "loss L", fontsize=8)
+        self.plot.clear()
         self._loss_unit = loss_unit(config)
         self.progress.set_busy()
         self.progress.set_text("Preparing training crops…")
