@@ -242,8 +242,9 @@ _END_TO_END = dict(momentum=True, parameterization="log", schedule="end-to-end",
 
 #: Training presets (the GUI and CLI list them with :data:`PRESET_DESCRIPTIONS`).
 PRESETS = {
-    # quick trains on the relative loss (session 20: worst case 61 FISTA iterations in two seeds against 23 and
-    # 50 with the mean objective, median 87-98 against 95-96; docs/results.md "Session 20")
+    # quick trains on the relative loss (session 20, held-out cases, two seeds per PSF: default PSF worst case 61
+    # and 61 FISTA iterations against 23 and 50 with the mean objective, median 98 / 87 against 96 / 95; Gaussian
+    # PSF median 123 / 112 against 98 / 85, worst 35 / 7 against 32 / 21; docs/results.md "Session 20")
     "quick": dict(_END_TO_END, lr=2e-3, batch_size=4, n_crops=24, crop_size=64, n_val_crops=4, epochs=50,
                   equivalent_iterations=300, dense_stage_epochs=30, relative_loss=True, relative_power=0.25),
     "standard": dict(_END_TO_END, lr=2e-3, batch_size=8, n_crops=32, crop_size=64, n_val_crops=8, epochs=300,
