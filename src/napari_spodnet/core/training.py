@@ -664,10 +664,7 @@ class Trainer:
             parts.append(np.asarray(result.history, dtype=np.float64).reshape(n, -1))
         return np.concatenate(parts, axis=1)
 
-    def _references(self, y: torch.Tensor) -> "ReferenceTarget | None":
-        history = self._fista_histories(y)
-        if history is None:
-            return None
+    def _reference_target(self, history: np.ndarray) -> "ReferenceTarget":
         return ReferenceTarget.from_history(history, reference_iteration(self.config.equivalent_iterations),
                                             self.device)
 
@@ -740,8 +737,8 @@ class Trainer:
             """The relative loss's crops: ``n`` crops and FISTA's reference on each (run once); None when
             cancelled meanwhile."""
             y = crops(frames, None, n, rng, self.flips)[0]
-            references = self._references(y)
-            return None if references is None else (y, references)
+            history = self._fista_histories(y)
+            return None if history is None else (y, self._reference_target(history))
 
         def pool_news(n, stage, epochs_of_stage):
             # FISTA on every crop of the pool takes seconds to a minute on a CPU: say so
@@ -767,28 +764,29 @@ class Trainer:
         # (validation crops come from a generator of their own: drawing them first changes no training crop)
         val, val_targets = crops(self.val_frames, self.val_truths, cfg.n_val_crops,
                                  np.random.default_rng(cfg.seed + 1), False)
+        val_history = None
         if cfg.relative_loss:
-            val_targets = self._references(val)  # a few crops: about a second
-            if val_targets is None:
+            val_history = self._fista_histories(val)  # a few crops: about a second
+            if val_history is None:
                 return self._finish(start, cancelled=True)
-            if self.initial is not None:
-                # fine-tuning: the network as given is "best" before the pool's long FISTA runs, so that a stop
-                # (or Ctrl-C, ``finish_cancelled``) during them hands it back, scored in the loss's own units
-                with torch.no_grad():
-                    self._remember(self.initial, float(self._loss(self.initial, val, val_targets, cfg.n_layers)))
+            val_targets = self._reference_target(val_history)
+        # FISTA's mean objective on the validation crops, for "worth N FISTA iterations" (restart is per
+        # crop, so the per-crop runs of the relative loss give it without running FISTA again)
+        self._fista_history = val_history.mean(axis=1) if val_history is not None else self._fista_reference(val)
+        if self.initial is not None:
+            # The network as given competes for "best": fine-tuning never hands back a worse one, and a
+            # cancel before the first epoch (or during the relative loss's FISTA runs below, Ctrl-C included:
+            # ``finish_cancelled``) returns it unchanged.
+            with torch.no_grad():
+                self._remember(self.initial, float(self._loss(self.initial, val, val_targets, cfg.n_layers)))
+        if cfg.relative_loss:
             yield pool_news(cfg.reference_pool * cfg.n_crops, "end-to-end", e2e_epochs)
             own_pool = pool_of(self.frames, cfg.reference_pool * cfg.n_crops)
             if own_pool is None:  # cancelled meanwhile
                 return self._finish(start, cancelled=True)
             new_crops = lambda: draw(own_pool, cfg.n_crops)  # noqa: E731 (the stage's crop source)
         train, train_targets = new_crops()
-        self._fista_history = self._fista_reference(val)
         net = self.net = self._new_network() if self.initial is None else self.initial
-        if self.initial is not None:
-            # The network as given competes for "best": fine-tuning never hands back a worse one, and a
-            # cancel before the first epoch returns it unchanged.
-            with torch.no_grad():
-                self._remember(net, float(self._loss(net, val, val_targets, cfg.n_layers)))
         # what a stage trains and validates on (the dense stage swaps them)
         state.update(initial=None, train=train, targets=train_targets, new_crops=new_crops, val=val,
                      val_targets=val_targets)
@@ -920,14 +918,15 @@ class Trainer:
             dense_val_crops = crops(dense_val, None, n_dense_val, np.random.default_rng(cfg.seed + 2), False)[0]
             dense_val_targets = None
             if cfg.relative_loss:
-                dense_val_references = self._references(dense_val_crops)
-                if dense_val_references is None:
+                dense_val_history = self._fista_histories(dense_val_crops)
+                if dense_val_history is None:
                     return self._finish(start, cancelled=True)
-                dense_val_targets = ReferenceTarget.cat([val_targets, dense_val_references])
+                dense_val_targets = ReferenceTarget.cat([val_targets, self._reference_target(dense_val_history)])
             state.update(new_crops=mixed_crops, val=torch.cat([val, dense_val_crops]), val_targets=dense_val_targets,
                          initial=None)
             state["train"], state["targets"] = mixed_crops()
-            self._fista_history = self._fista_reference(state["val"])
+            self._fista_history = (np.concatenate([val_history, dense_val_history], axis=1).mean(axis=1)
+                                   if cfg.relative_loss else self._fista_reference(state["val"]))
             # "best" is judged on the new validation crops from here on; the network as the stage finds it
             # competes, so the stage never hands back a network worse on them
             self.best_state = None
