@@ -18,15 +18,18 @@ photon count, one observation is normalised and recovered by FISTA (restart, sam
   with 1 and 2 torch threads, measured side by side in this process (best of 3 for the network;
   FISTA's cumulative per-iteration times);
 * intensity PSNR against the truth in the field of view (least-squares scaled) minus FISTA's best PSNR over the
-  iteration counts 10 ... ``--fista-iterations``.
+  iteration counts 10 ... ``--fista-iterations`` (every 5th), and per case the first FISTA iteration within
+  0.5 dB of that best: a network judged by its objective must be worth about that many iterations to meet
+  the quality target there.
 
 Variants (architecture x training): the first shipped model (tied filters, layer-wise), the
 session-12 model (log schedule, untied filters, no preconditioner), the session-13 and -15
 models (``standard``: preconditioned, end to end), the shipped default (the session-15 model
 fine-tuned with clusters in half the data), and, trained here on ``simulate`` data: the
-preconditioned ``quick`` recipe (the relative loss, ``TrainingConfig.relative_loss``, and its dense
-stage: 30 epochs with half the crops from simulated dense clusters, ``dense_stage_epochs``), the same
-with the mean objective as its loss (``quick`` of sessions 18-19), the same with 20 layers instead
+preconditioned ``quick`` recipe (the relative loss, ``TrainingConfig.relative_loss``, its dense
+stage: 30 epochs with half the crops from simulated dense clusters, ``dense_stage_epochs``, and its
+stability bound: no image mode amplified more than 8x, ``stability_bound``), the same without the
+stability bound (``quick`` of session 20), the same with 20 layers instead
 of 10 (each layer costs about one FISTA iteration, so the speed-up column says whether depth pays
 at equal wall time), the paper's layer-wise Algorithm 1 (``quick-layerwise``) and the ``quick``
 recipe with the supervised loss (eq. 8) against FISTA-500 solutions (distillation). For the
@@ -61,7 +64,12 @@ SESSION12 = ROOT / "tests" / "data" / "default_model_v1.safetensors"
 SESSION13 = ROOT / "tests" / "data" / "default_model_v2.safetensors"
 SESSION15 = ROOT / "tests" / "data" / "default_model_v3.safetensors"
 PHOTONS = (50.0, 200.0, 1000.0)
-PSNR_ITERATIONS = (10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 1200)
+#: FISTA's truth PSNR is measured every this many iterations from 10 on (and after the last one). Until
+#: session 20 it was measured on a grid (10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 1200),
+#: which put FISTA's best up to 0.2 dB lower (membranes, 1000 photons: 41.31 dB at 300 against 41.49 at 265).
+PSNR_EVERY = 5
+#: "Within this many dB of FISTA's best PSNR" (the issue's quality target).
+PSNR_TOLERANCE_DB = 0.5
 
 
 def _observation(family, shape, psf, seed, photons):
@@ -140,9 +148,9 @@ def run(args) -> dict:
                 if path.is_file():
                     net = load_checkpoint(path)
                     variants[label] = (net, float(net.metadata.get("training", {}).get("seconds", float("nan"))))
-        trained = (("quick (relative loss, dense stage)", "quick", {}),
-                   # quick as sessions 18-19 trained it: the mean objective on fresh crops every epoch
-                   ("quick with the mean objective", "quick", dict(relative_loss=False)),
+        trained = (("quick (relative loss, dense stage, stability bound)", "quick", {}),
+                   # quick as session 20 trained it: its schedule free to amplify image modes (session 21)
+                   ("quick without the stability bound", "quick", dict(stability_bound=0.0)),
                    # depth at equal wall time: each layer costs about one FISTA iteration
                    # (in --quick mode 5 layers against the others' 3: the label names the full run)
                    ("quick with 20 layers", "quick", dict(n_layers=5 if quick else 20)),
@@ -170,13 +178,16 @@ def run(args) -> dict:
                 psnrs = {}
 
                 def record(it, f, x):
-                    if it in PSNR_ITERATIONS or it == n_iter:
+                    if (it >= 10 and it % PSNR_EVERY == 0) or it == n_iter:
                         psnrs[it] = _intensity_psnr(x.numpy(), sim.truth, psf.shape)
 
                 ref = {1: fista(op, y, DEFAULT_LAMBDA, max_iter=n_iter, tol=0, callback=record)}
                 fista_best = max(psnrs.values())
+                # what the quality target asks of an iteration count: FISTA's first within the tolerance
+                near = min(it for it, v in psnrs.items() if v >= fista_best - PSNR_TOLERANCE_DB)
                 case = dict(psf=psf_name, family=family, photons=p, fista_best_psnr=fista_best,
-                            fista_best_iteration=max(psnrs, key=psnrs.get), fista_final_objective=ref[1].objective,
+                            fista_best_iteration=max(psnrs, key=psnrs.get), fista_near_best_iteration=near,
+                            fista_final_objective=ref[1].objective,
                             fista_ms_per_iteration=1000 * ref[1].seconds / n_iter, networks={})
                 for label, (net, _) in variants.items():
                     x, sec = _time_network(net, y, 1)
@@ -226,7 +237,7 @@ def _summary(results) -> str:
         cells.append(f"{min(dp):+.2f} / {np.median(dp):+.2f}")
         lines.append(f"| {label} | {info['psf']} | " + " | ".join(cells)
                      + f" | {info['training_seconds']:.0f} | {info['model_bytes'] / 1024:.1f} |")
-    lines += ["", "| PSF | family | photons | FISTA best PSNR dB (at it.) | "
+    lines += ["", "| PSF | family | photons | FISTA best PSNR dB (at it.; first it. within 0.5 dB) | "
               + " | ".join(f"{k.rsplit(' [', 1)[0].split(' (')[0]}: FISTA it. / x1 / dB"
                            for k in _headline(results)) + " |"]
     first = [k.rsplit(" [", 1)[0] for k in _headline(results)]
@@ -238,7 +249,7 @@ def _summary(results) -> str:
             cells.append("-" if r is None else
                          f"{r['fista_equivalent']} / {(r['speedup_1t'] or 0):.1f} / {r['psnr_minus_fista_best']:+.2f}")
         lines.append(f"| {c['psf']} | {c['family']} | {c['photons']:g} | {c['fista_best_psnr']:.2f} "
-                     f"({c['fista_best_iteration']}) | " + " | ".join(cells) + " |")
+                     f"({c['fista_best_iteration']}; {c['fista_near_best_iteration']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -247,7 +258,7 @@ def _headline(results) -> list:
     keys = list(results["variants"])
     # (the paper's layer-wise network, worth 7 iterations everywhere, stays in the summary table)
     preferred = [k for k in keys if k.startswith(("shipped default", "quick (relative",
-                                                  "quick with the mean", "quick with 20 layers"))]
+                                                  "quick without the stability", "quick with 20 layers"))]
     return (preferred if preferred and not results["settings"].get("checkpoints") else keys)[:4]
 
 

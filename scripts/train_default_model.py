@@ -130,6 +130,9 @@ def main(argv=None) -> None:
                         help="train on each crop's excess objective over FISTA's, in units of FISTA's excess after "
                              "100 iterations, to the power P (TrainingConfig.relative_loss, relative_power); 0: the "
                              "mean objective (default: the preset's)")
+    parser.add_argument("--stability-bound", type=float, default=None, metavar="B",
+                        help="penalise a schedule whose linear transfer amplifies an image mode more than B times "
+                             "(TrainingConfig.stability_bound; 0: off; default: the preset's)")
     args = parser.parse_args(argv)
     if args.teacher_iterations and not args.truth_weight:
         parser.error("--teacher-iterations needs --truth-weight (the weight of the distillation term)")
@@ -162,6 +165,8 @@ def main(argv=None) -> None:
         overrides["relative_loss"] = False
     elif args.relative_loss is not None:
         overrides.update(relative_loss=True, relative_power=args.relative_loss)
+    if args.stability_bound is not None:
+        overrides["stability_bound"] = args.stability_bound
     if args.truth_weight:
         overrides["truth_weight"] = args.truth_weight
         overrides.setdefault("dense_stage_epochs", 0)  # simulated dense crops have no truth

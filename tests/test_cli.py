@@ -96,6 +96,7 @@ def test_fine_tune_the_shipped_model(data_dir, tmp_path, capsys):
     assert cli.main([*args, "-o", str(small), "--layers", "2", "--dense-epochs", "1"]) == 0
     assert load_checkpoint(small).metadata["training"]["config"]["dense_stage_epochs"] == 1
     assert tuned.metadata["training"]["config"].get("dense_stage_epochs", 0) == 0  # fine-tuning: none by default
+    assert tuned.metadata["training"]["config"].get("stability_bound", 0) == 0  # nor a stability bound
     # a dense stage needs an end-to-end preset: one clear line, nothing written
     capsys.readouterr()
     assert cli.main([*args, "-o", str(tmp_path / "x.safetensors"), "--preset", "paper", "--dense-epochs", "2"]) == 2

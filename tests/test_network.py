@@ -638,3 +638,39 @@ def test_noise_adaptive_network_round_trips_through_a_checkpoint(tmp_path):
     loaded = load_checkpoint(save_checkpoint(net, tmp_path / "m.safetensors"))
     y = torch.rand(C, 10, 10)
     assert loaded.noise_adaptive and torch.allclose(loaded.recover(y), net.recover(y), atol=1e-6)
+
+
+def test_linear_transfer_of_ista_and_fista_steps():
+    """Without thresholds, M ISTA steps map a mode of curvature kappa (1 = Lipschitz) by (1 - kappa)^M, and M
+    FISTA steps by FISTA's own recurrence on the scalar quadratic kappa / 2 e^2."""
+    from napari_spodnet.core.network import fista_momentum, harmonic_gains
+    from napari_spodnet.core.physics import fft_shape
+
+    psf_arr = gaussian_psf(9, 1.5)
+    hw = (40, 40)
+    spectrum = torch.fft.rfft2(torch.as_tensor(psf_arr / psf_arr.sum(), dtype=torch.float32), s=fft_shape(hw))
+    power = spectrum.abs().pow(2) / spectrum.abs().pow(2)[0, 0]
+    kappa = harmonic_gains(C, 1).float()[:, None, None] * power
+    ista_net = SPoDNet(psf_arr, C, n_layers=6, parameterization="log")
+    assert torch.allclose(ista_net.linear_transfer(hw), (1 - kappa).abs().pow(6), atol=1e-5)
+    fista_net = SPoDNet(psf_arr, C, n_layers=6, parameterization="log", momentum=True)
+    e_prev, z = torch.ones_like(kappa), torch.ones_like(kappa)
+    for m in range(6):
+        e = (1 - kappa) * z
+        z = e + fista_momentum(m) * (e - e_prev) if m > 0 else e
+        e_prev = e
+    assert torch.allclose(fista_net.linear_transfer(hw), e.abs(), atol=1e-5)
+    assert float(fista_net.linear_transfer(hw).max()) <= 1 + 1e-5  # FISTA never amplifies a mode
+
+
+def test_linear_transfer_flags_an_overshooting_schedule_and_is_differentiable():
+    net = SPoDNet(gaussian_psf(9, 1.5), C, n_layers=4, parameterization="log", momentum=True, preconditioned=True)
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.eta.fill_(math.log(3.0))  # 3x ISTA's step: the stiffest modes flip sign and grow
+    transfer = net.linear_transfer((40, 40))
+    assert float(transfer.max()) > 4
+    transfer.max().backward()
+    assert float(net.layers[2].eta.grad) > 0  # a smaller step would amplify less
+    with pytest.raises(SPoDInputError, match="harmonic"):
+        SPoDNet(gaussian_psf(9, 1.5), C, n_layers=1, orientation="full").linear_transfer((40, 40))

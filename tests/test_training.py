@@ -2,6 +2,8 @@
 
 from dataclasses import asdict, replace
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -429,11 +431,43 @@ def test_fista_equivalent_is_the_matching_iteration(observations, psf):
     trainer.run()
     val = torch.as_tensor(random_crops(trainer.val_frames, config.n_val_crops, config.crop_size,
                                        np.random.default_rng(config.seed + 1), False))
-    ref = fista(trainer.op, val, config.lam, max_iter=40, tol=0).history.mean(axis=1)
+    ref = fista(trainer.op, val, config.lam, max_iter=40, tol=0).history  # (iterations, crops)
     with torch.no_grad():
-        value = float(trainer.op.objective(val, trainer.net(val), config.lam).mean())
-    k = int(np.argmax(ref <= value)) + 1 if (ref <= value).any() else 40
-    assert trainer.history[-2].fista_equivalent == pytest.approx(k, abs=1.0)
+        values = trainer.op.objective(val, trainer.net(val), config.lam).numpy()
+    counted = ref[0] - ref.min(axis=0) > 0.01 * np.abs(ref.min(axis=0))  # crops with something to recover
+    assert counted.any()
+    ks = [int(np.argmax(ref[:, i] <= v)) + 1 if (ref[:, i] <= v).any() else 40
+          for i, v in enumerate(values) if counted[i]]
+    # per crop, as the benchmark counts held-out cases: the median and the worst crop
+    assert trainer.history[-2].fista_equivalent == pytest.approx(float(np.median(ks)), abs=1.0)
+    assert trainer.history[-2].fista_equivalent_worst == pytest.approx(min(ks), abs=1.0)
+
+
+def test_background_crops_count_no_fista_iterations():
+    """A crop FISTA solves at its first iterate (background only) says nothing about iterations: it is left
+    out of "worth N" and weighs nothing in the relative loss (a tiny unit made it dominate, session 21)."""
+    from napari_spodnet.core.training import RELATIVE_FLOOR, ReferenceTarget, solved_at_once
+
+    structure = np.array([1.0, 0.5, 0.3, 0.25, 0.2])           # falls by 5x: iterations to count
+    background = np.array([1e-5, 1e-5 - 1e-9, 1e-5 - 2e-9, 1e-5 - 2e-9, 1e-5 - 2e-9])  # within 0.02 % at once
+    history = np.stack([structure, background], axis=1)
+    assert solved_at_once(history).tolist() == [False, True]
+    target = ReferenceTarget.from_history(history, reference=2, device="cpu")
+    objective = torch.tensor([0.4, 2e-5], requires_grad=True)  # the second: twice FISTA's (a trace of noise)
+    relative = target.relative_excess(objective)
+    assert relative[0].item() == pytest.approx((0.4 - 0.2) / (0.5 - 0.2) + RELATIVE_FLOOR, rel=1e-5)
+    assert relative[1].item() == pytest.approx(RELATIVE_FLOOR)
+    relative.pow(0.25).mean().backward()
+    assert objective.grad[0] > 0 and objective.grad[1] == 0
+
+
+def test_worth_text_names_the_worst_crop_and_lower_bounds():
+    from napari_spodnet.core.training import worth_text
+
+    assert worth_text(98.2, 41.0) == "98 FISTA iterations (worst crop 41)"
+    assert worth_text(98.2, 97.9) == "98 FISTA iterations"  # the same when rounded: said once
+    assert worth_text(300.0, 120.0, ran=300) == ">= 300 FISTA iterations (worst crop 120)"
+    assert worth_text(55.0) == "55 FISTA iterations"
 
 
 def test_fista_equivalent_interpolates_and_bounds():
@@ -873,3 +907,58 @@ def test_relative_loss_announces_its_fista_runs_and_a_cancel_stops_them(observat
     with pytest.raises(TrainingError, match="cancelled"):
         next(gen)
     assert runs == [2]
+
+
+# -- the stability bound (session 21) --------------------------------------------------------------------
+
+def test_stability_term_is_zero_for_fista_steps_and_grows_with_an_overshooting_schedule(observations, psf):
+    from napari_spodnet.core.network import SPoDNet
+
+    config = TrainingConfig.preset("quick", **{**E2E_TINY, "stability_bound": 2.0})
+    trainer = Trainer(observations, psf, config, device="cpu")
+    net = SPoDNet(psf, C, n_layers=4, parameterization="log", momentum=True, preconditioned=True)
+    assert float(trainer._instability(net, (32, 32)).detach()) == 0.0  # FISTA steps never amplify a mode
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.eta.fill_(math.log(3.0))
+    term = trainer._instability(net, (32, 32))
+    worst = float(net.linear_transfer((32 + psf.shape[0] - 1,) * 2).max())
+    assert float(term) == pytest.approx(math.log(worst / 2.0), rel=1e-5) and float(term) > 0
+    term.backward()
+    assert all(float(layer.eta.grad) > 0 for layer in net.layers[1:])
+
+
+def test_training_with_a_stability_bound_brings_an_overshooting_schedule_back(observations, psf):
+    """Fine-tuning a schedule whose steps (2.5x ISTA's in every layer) amplify the stiffest modes 12x: with the
+    bound the trained schedule no longer amplifies any mode beyond it; without, it still does."""
+    from napari_spodnet.core.network import SPoDNet
+    from napari_spodnet.core.physics import SPoDOperator
+
+    def overshooting():
+        net = SPoDNet.from_operator(SPoDOperator(psf / psf.sum()), n_layers=4, momentum=True, parameterization="log",
+                                    preconditioned=True)
+        with torch.no_grad():
+            for layer in net.layers:
+                layer.eta.fill_(math.log(2.5))
+        return net
+
+    hw = (32 + psf.shape[0] - 1,) * 2
+    with torch.no_grad():
+        assert float(overshooting().linear_transfer(hw).max()) > 8
+    common = dict(E2E_TINY, epochs=4, dense_stage_epochs=0, relative_loss=False)
+    free, _ = train_spodnet(observations, psf, preset="quick", device="cpu", initial=overshooting(), **common)
+    bounded, history = train_spodnet(observations, psf, preset="quick", device="cpu", initial=overshooting(),
+                                     stability_bound=2.0, **common)
+    with torch.no_grad():
+        assert float(free.linear_transfer(hw).max()) > 3
+        assert float(bounded.linear_transfer(hw).max()) <= 2.0 + 1e-3
+    # the reported losses stay the objective's (the term only steers the gradient)
+    assert all(np.isfinite(h.train_loss) for h in history if h.stage == "end-to-end")
+
+
+@pytest.mark.parametrize("overrides", [dict(stability_bound=0.5), dict(stability_bound=-1.0),
+                                       dict(stability_bound=8.0, orientation="full", preconditioned=False),
+                                       dict(stability_bound=8.0, architecture="listanet", preconditioned=False)])
+def test_stability_bound_refused_where_it_cannot_apply(overrides):
+    with pytest.raises(SPoDInputError, match="stability_bound"):
+        TrainingConfig.preset("quick", **overrides).validate()

@@ -557,9 +557,10 @@ def test_train_progress_names_the_stage(make_napari_viewer, qtbot, sim):
     qtbot.addWidget(w)
     for stage, label in (("end-to-end", "all layers"), ("dense", "dense-structure stage"),
                          ("step2", "layer 3/10 · step2")):
-        w._on_progress([TrainingProgress(3, 10, stage, 4, 30, 0.5, 0.25, 12.0, 0.5, "", fista_equivalent=87.0)])
+        w._on_progress([TrainingProgress(3, 10, stage, 4, 30, 0.5, 0.25, 12.0, 0.5, "", fista_equivalent=87.0,
+                                         fista_equivalent_worst=31.0)])
         text = w.progress.label.text()
-        assert text.startswith(f"{label} · epoch 4/30") and "worth 87 FISTA iterations" in text
+        assert text.startswith(f"{label} · epoch 4/30") and "worth 87 FISTA iterations (worst crop 31)" in text
     # the dense stage's losses (other crops) are curves of their own; its preparation is news, not a point
     assert w.plot.series("train (with dense clusters)")[1] == [0.5]
     assert w.plot.series("validation (with dense clusters)")[1] == [0.25] and len(w.plot.series("train")[0]) == 2

@@ -468,6 +468,36 @@ class UnrolledISTA(nn.Module):
             x_prev = x
         return torch.clamp_(x, min=0) if post_threshold else x
 
+    def linear_transfer(self, image_hw) -> torch.Tensor:
+        """How much the network amplifies the error of each image mode when every pixel is active.
+
+        Without thresholds, layer m maps the error ``e = x - x*`` of each orientation harmonic j and
+        spatial frequency f (of the physics' operator, ``A^T A`` diagonal there) to ``c_m e`` with
+        ``c_m = 1 - eta_m P_mj(f) kappa_j(f)``, ``kappa_j(f) = rho_j |psf^(f)|^2 / |psf^(0)|^2`` (1 = the
+        Lipschitz constant), and the momentum mixes two layers' errors. The result ``|T_j(f)| =
+        |e_M / e_0|`` (2K+1, s0, s1 // 2 + 1) is differentiable in the schedule and preconditioner.
+        ``|T| > 1`` means the network *amplifies* that mode where the support is large: dense
+        structure, where thresholds do not hold it back (docs/results.md, "Session 21"). Harmonic
+        SPoD-Nets only; the noise-adaptive schedule is taken at its reference noise level.
+        """
+        if getattr(self, "orientation", None) != "harmonic":
+            raise SPoDInputError("the linear transfer needs a harmonic SPoD-Net")
+        s = fft_shape(tuple(int(v) for v in image_hw))
+        spectrum = torch.fft.rfft2(self.psf, s=s)
+        power = spectrum.real.pow(2) + spectrum.imag.pow(2)
+        power = power / power[0, 0].clamp_min(1e-30)
+        kappa = harmonic_gains(self.n_channels, self.n_harmonics).to(power)[:, None, None] * power
+        error = torch.ones_like(kappa)
+        start = error
+        for m, layer in enumerate(self.layers):
+            step = layer.step_multiplier().to(power)
+            gain = step * (layer.preconditioner(spectrum) if getattr(layer, "preconditioned", False) else 1.0)
+            new = (1 - gain * kappa) * start
+            mu = layer.mu.to(power) if self.momentum and m > 0 else 0.0
+            start = new + mu * (new - error) if m > 0 else new
+            error = new
+        return error.abs()
+
     @torch.no_grad()
     def recover(self, y: torch.Tensor, size_ratio: float | None = None) -> torch.Tensor:
         """Inference without autograd: (..., c, H, W) -> (..., c, h, w)."""

@@ -38,6 +38,7 @@ from ..core.training import (
     TrainingProgress,
     loss_unit,
     reference_iteration,
+    worth_text,
 )
 from ..core.validation import SPoDInputError
 from ._controls import ProgressRow, make_spin
@@ -329,7 +330,7 @@ class TrainWidget(JobWidget):
                 return None
             # a fifth of the preset's rates; the Trainer adopts the network's structure (layers, λ, ...). No
             # dense stage: fine-tuning adapts the network to the user's own data.
-            config = replace(config.with_rates_scaled(FINE_TUNE_RATE), dense_stage_epochs=0)
+            config = replace(config.with_rates_scaled(FINE_TUNE_RATE), dense_stage_epochs=0, stability_bound=0.0)
         observations = [layer.data for layer in layers]
         self._sources = [layer.name for layer in layers]
         self._epoch_count = 0
@@ -365,9 +366,8 @@ class TrainWidget(JobWidget):
             self.progress.set_fraction(p.fraction)
             text = (f"{_stage_label(p)} · epoch {p.epoch}/{p.epochs} — "
                     f"train {p.train_loss:.4g}, validation {p.val_loss:.4g} · {p.elapsed:.0f} s")
-            worth = getattr(p, "fista_equivalent", None)  # set by newer core.training versions
-            if worth is not None:
-                text += f" · worth {worth:.0f} FISTA iterations"
+            if p.fista_equivalent is not None:
+                text += " · worth " + worth_text(p.fista_equivalent, p.fista_equivalent_worst)
             self.progress.set_text(text)
 
     def _on_result(self, out) -> None:
