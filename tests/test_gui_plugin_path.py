@@ -282,3 +282,24 @@ def test_rendered_screenshot_shows_the_result(make_napari_viewer, qtbot):
                                              f"{expected * area:.0f} expected)")
         shots.append(shot)
     assert np.abs(shots[0] - shots[1]).mean() > 1  # a different frame is drawn at t=1
+
+
+def test_train_widget_text_is_never_squeezed_in_a_short_dock(make_napari_viewer, qtbot):
+    """Docked from the Plugins menu in a shown window shorter than the widget: the preset's description and
+    the result line get the height their text needs (a dock without scrolling squeezed them to a line or two,
+    drawn over each other) and nothing is cut at the sides; the rest scrolls."""
+    from qtpy.QtWidgets import QApplication
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1400, 700)
+    train = _dock(viewer, "Train SPoD-Net")
+    train.set_preset("quick")
+    train.model_label.setText("Training finished: " + "a long result line that wraps over several lines " * 4)
+    for _ in range(5):
+        QApplication.processEvents()
+    qtbot.wait(200)
+    for label in (train.preset_description, train.model_label):
+        assert label.height() >= label.heightForWidth(label.width()) - 1, label.text()[:40]
+    scroll = train.scroll
+    assert scroll.widget().width() <= scroll.viewport().width()  # no control cut off at the right
+    assert scroll.verticalScrollBar().maximum() > 0  # 700 px are too few for all the controls: they scroll

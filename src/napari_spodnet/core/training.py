@@ -273,11 +273,10 @@ PRESETS = {
 #: What each preset does and costs, for people choosing one (times measured on this project's 2 shared
 #: CPU cores, docs/results.md).
 PRESET_DESCRIPTIONS = {
-    "quick": "Preconditioned end-to-end recipe (log-space steps, thresholds, momenta, Wiener-like step) on the "
-             "relative loss (every crop counted in FISTA iterations; FISTA first runs once on 96 crops), 300 steps "
-             "of 4 crops of 64 px, then 30 epochs with half the crops simulated dense clusters, with a schedule kept "
-             "from amplifying any image mode more than 8x: about 1.5-3 min on one CPU thread; worth a median "
-             "94-118 FISTA iterations on held-out families, at least 51 on each.",
+    "quick": "Preconditioned end-to-end recipe on the relative loss (each crop counted in FISTA iterations; FISTA "
+             "first runs once on 96 crops): 300 steps of 4 crops of 64 px, then 30 epochs with half the crops "
+             "simulated dense clusters; no image mode amplified over 8x. About 1.5-3 min on one CPU thread; worth a "
+             "median 94-118 FISTA iterations on held-out data.",
     "standard": "The same for 1 200 steps of 8 crops of 64 px, then 60 epochs with dense clusters (the shipped "
                 "model's recipe): about 15 min on one CPU thread; worth a median 120 FISTA iterations on held-out "
                 "families.",
@@ -723,10 +722,11 @@ class Trainer:
         history = np.asarray(result.history, dtype=np.float64)
         return history.reshape(history.shape[0], -1)
 
-    def _fista_equivalent(self, net, val, n_layers) -> tuple[float, float] | None:
-        """(median, worst) over the validation crops of the FISTA iterations each crop's objective is worth."""
+    def _fista_equivalent(self, net, val, n_layers) -> tuple[float | None, float | None]:
+        """(median, worst) over the validation crops of the FISTA iterations each crop's objective is worth;
+        (None, None) without FISTA's reference or where every crop is background."""
         if self._fista_history is None:
-            return None
+            return None, None
         with torch.no_grad():
             values = self.op.objective(val, net(val, n_layers=n_layers), self.config.lam).reshape(-1)
         counted = ~solved_at_once(self._fista_history)
@@ -896,13 +896,11 @@ class Trainer:
                     self.restores += 1
                 self._remember(net, val_loss)
                 state["done"] += 1
-                equivalent = worst = None
                 message = (f"{stage} epoch {epoch}/{n_epochs}" if stage in ("end-to-end", "dense")
                            else f"layer {n_layers}/{cfg.n_layers} {stage} epoch {epoch}/{n_epochs}")
-                if self._fista_history is not None:
-                    equivalent, worst = self._fista_equivalent(net, state["val"], n_layers)
-                    if equivalent is not None:
-                        message += ": worth " + worth_text(equivalent, worst, len(self._fista_history))
+                equivalent, worst = self._fista_equivalent(net, state["val"], n_layers)
+                if equivalent is not None:
+                    message += ": worth " + worth_text(equivalent, worst, len(self._fista_history))
                 update = TrainingProgress(n_layers, cfg.n_layers, stage, epoch, n_epochs, train_loss, val_loss,
                                           time.perf_counter() - start, state["done"] / total_epochs, message,
                                           fista_equivalent=equivalent, fista_equivalent_worst=worst)

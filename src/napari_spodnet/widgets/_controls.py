@@ -1,9 +1,35 @@
-"""Small Qt controls shared by the dock widgets: spin boxes and a progress row."""
+"""Small Qt controls shared by the dock widgets: spin boxes, a progress row and a vertical scroll area."""
 
 from __future__ import annotations
 
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QDoubleSpinBox, QLabel, QProgressBar, QSpinBox, QVBoxLayout, QWidget
+from qtpy.QtCore import QEvent, QSize, Qt
+from qtpy.QtWidgets import (QDoubleSpinBox, QFrame, QLabel, QProgressBar, QScrollArea, QSpinBox, QStyle,
+                            QVBoxLayout, QWidget)
+
+
+class VerticalScrollArea(QScrollArea):
+    """Scrolls ``widget`` vertically and never horizontally, and asks for the width the widget needs (napari
+    sizes a dock from its widget's minimum size). Without it, a dock shorter than its controls squeezes
+    their word-wrapped labels to a line or two, drawn over each other."""
+
+    def __init__(self, widget: QWidget):
+        super().__init__()
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setWidget(widget)
+        widget.installEventFilter(self)
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt)
+        inner = self.widget().minimumSizeHint()
+        bar = max(self.verticalScrollBar().sizeHint().width(),
+                  self.style().pixelMetric(QStyle.PixelMetric.PM_ScrollBarExtent))
+        return QSize(inner.width() + bar + 4, super().minimumSizeHint().height())  # + the styles' few pixels
+
+    def eventFilter(self, watched, event) -> bool:  # noqa: N802 (Qt)
+        if watched is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+            self.updateGeometry()  # the controls' minimum width may have changed (a longer item, a label)
+        return super().eventFilter(watched, event)
 
 
 def make_spin(minimum: float, maximum: float, value: float, *, decimals: int | None = None, step: float | None = None,

@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QVBoxLayout,
+    QWidget,
 )
 
 from ..core.checkpoint import save_checkpoint
@@ -41,7 +42,7 @@ from ..core.training import (
     worth_text,
 )
 from ..core.validation import SPoDInputError
-from ._controls import ProgressRow, make_spin
+from ._controls import ProgressRow, VerticalScrollArea, make_spin
 from ._jobs import Job, JobWidget
 from ._layers import is_observation_candidate, is_psf_candidate, observation_problem, psf_array, value_problem
 from ._models import get_model_registry
@@ -175,7 +176,10 @@ class TrainWidget(JobWidget):
         form.addRow("dense-structure epochs", self.dense_spin)
         form.addRow("device", self.device_picker)
 
-        layout = QVBoxLayout(self)
+        # The controls scroll: in a dock shorter than all of them, Qt would otherwise squeeze the wrapped
+        # labels (the preset's description, the result line) to a line or two and draw them over each other.
+        content = QWidget()
+        layout = QVBoxLayout(content)
         layout.addWidget(data_box)
         layout.addWidget(cfg_box)
         layout.addWidget(self.start_button)
@@ -184,6 +188,10 @@ class TrainWidget(JobWidget):
         layout.addWidget(self.model_label)
         layout.addWidget(self.save_button)
         layout.addStretch(1)
+        self.scroll = VerticalScrollArea(content)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self.scroll)
 
         self.preset_combo.currentIndexChanged.connect(self._on_preset_chosen)
         for spin in (self.lr_spin, self.epochs_spin, self.batch_spin, self.crops_spin, self.crop_spin,
@@ -394,6 +402,7 @@ class TrainWidget(JobWidget):
             self.progress.set_text("Done.")
         self.model_label.setText(text)
         self.plot.flush()
+        self.scroll.ensureWidgetVisible(self.save_button)  # the result line and Save, below a short dock's fold
         notify_info(text)
 
     def _on_cancelled(self) -> None:
