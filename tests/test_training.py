@@ -962,3 +962,14 @@ def test_training_with_a_stability_bound_brings_an_overshooting_schedule_back(ob
 def test_stability_bound_refused_where_it_cannot_apply(overrides):
     with pytest.raises(SPoDInputError, match="stability_bound"):
         TrainingConfig.preset("quick", **overrides).validate()
+
+
+def test_fine_tuning_settings_scale_the_rates_and_drop_the_dense_stage_and_the_bound():
+    from napari_spodnet.core.training import FINE_TUNE_RATE
+
+    quick = TrainingConfig.preset("quick")
+    tuned = quick.for_fine_tuning()
+    assert tuned.lr == pytest.approx(quick.lr * FINE_TUNE_RATE)
+    assert tuned.scalar_lr == pytest.approx(quick.scalar_lr * FINE_TUNE_RATE)
+    assert tuned.dense_stage_epochs == 0 and tuned.stability_bound == 0 and quick.stability_bound == 8
+    assert quick.for_fine_tuning(dense_stage_epochs=5).dense_stage_epochs == 5

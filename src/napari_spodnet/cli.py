@@ -227,17 +227,12 @@ def cmd_train(args) -> int:
     config = TrainingConfig.preset(args.preset, **overrides)
     initial = None
     if args.fine_tune:
-        from dataclasses import replace
-
         from .core.checkpoint import load_checkpoint
         from .core.recover import DEFAULT_MODEL_PATH
-        from .core.training import FINE_TUNE_RATE
 
         initial = load_checkpoint(DEFAULT_MODEL_PATH if args.fine_tune == "default" else args.fine_tune)
-        # no dense stage unless asked for, and no stability bound: fine-tuning adapts the network to the user's
-        # own data and keeps its schedule's character (core.training.train_spodnet)
-        config = replace(config.with_rates_scaled(FINE_TUNE_RATE), dense_stage_epochs=args.dense_epochs or 0,
-                         stability_bound=0.0)
+        # fine-tuning adapts the network to the user's own data: no dense stage unless asked for
+        config = config.for_fine_tuning(dense_stage_epochs=args.dense_epochs or 0)
     trainer = Trainer(observations, psf, config, device=args.device, n_channels=args.n_channels, initial=initial)
     bar = _Progress("training", args.quiet)
     try:

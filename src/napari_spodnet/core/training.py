@@ -149,6 +149,14 @@ class TrainingConfig:
                        scalar_lr=None if self.scalar_lr is None else self.scalar_lr * factor,
                        filter_lr=None if self.filter_lr is None else self.filter_lr * factor)
 
+    def for_fine_tuning(self, dense_stage_epochs: int = 0) -> "TrainingConfig":
+        """These settings for fine-tuning a trained network on the user's data (the CLI and the Train widget):
+        ``FINE_TUNE_RATE`` times the rates, no dense stage unless asked, and no stability bound (it would first
+        undo the given schedule: the shipped model amplifies some modes 162x and, bounded at 8, fell from
+        58 / 114 to 49 / 98 FISTA iterations, docs/results.md "Session 21")."""
+        return replace(self.with_rates_scaled(FINE_TUNE_RATE), dense_stage_epochs=dense_stage_epochs,
+                       stability_bound=0.0)
+
     def validate(self) -> None:
         numbers = ("lam", "alpha", "lr", "scalar_lr", "filter_lr", "step2_new", "step2_old", "gamma",
                    "deep_supervision", "truth_weight", "intensity_jitter", "objective_power", "excursion_bound",

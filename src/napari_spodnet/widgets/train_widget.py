@@ -30,7 +30,6 @@ from qtpy.QtWidgets import (
 
 from ..core.checkpoint import save_checkpoint
 from ..core.training import (
-    FINE_TUNE_RATE,
     PRESET_DESCRIPTIONS,
     PRESETS,
     Trainer,
@@ -356,7 +355,7 @@ class TrainWidget(JobWidget):
                 return None
             # a fifth of the preset's rates; the Trainer adopts the network's structure (layers, λ, ...). No
             # dense stage: fine-tuning adapts the network to the user's own data.
-            config = replace(config.with_rates_scaled(FINE_TUNE_RATE), dense_stage_epochs=0, stability_bound=0.0)
+            config = config.for_fine_tuning()
         observations = [layer.data for layer in layers]
         self._sources = [layer.name for layer in layers]
         self._epoch_count = 0
