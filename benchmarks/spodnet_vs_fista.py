@@ -33,7 +33,8 @@ stability bound (``quick`` of session 20), the same with 20 layers instead
 of 10 (each layer costs about one FISTA iteration, so the speed-up column says whether depth pays
 at equal wall time), the paper's layer-wise Algorithm 1 (``quick-layerwise``) and the ``quick``
 recipe with the supervised loss (eq. 8) against FISTA-500 solutions (distillation). For the
-Gaussian PSF only the first three are trained (with that PSF). About 20 min on 2 CPU cores.
+Gaussian PSF only the first three are trained (with that PSF). 21 cases per PSF (seven families
+at three photon counts; ``bundles`` and ``mesh`` since session 22). About 25 min on 2 CPU cores.
 Writes ``spodnet_vs_fista.json`` and ``.md`` to ``--out``.
 """
 
@@ -115,7 +116,8 @@ def run(args) -> dict:
     psfs = {"gaussian 7 px" if quick else "default Airy": gaussian_psf(7, 1.2) if quick else default_psf()}
     if not quick:
         psfs["gaussian sigma 2.5"] = gaussian_psf(32, 2.5)
-    families = ("simulate", "clusters") if quick else ("simulate", "clusters", "membranes", "branching", "textures")
+    families = ("simulate", "clusters") if quick else ("simulate", "clusters", "membranes", "branching", "textures",
+                                                       "bundles", "mesh")
     photons = (200.0,) if quick else PHOTONS
     threads = (1,) if quick else tuple(args.threads)
     n_iter = 40 if quick else args.fista_iterations

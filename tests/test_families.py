@@ -54,6 +54,25 @@ def test_textures_are_oriented_patches():
     assert np.median(coherence) > 0.4  # random fibre angles would give about 1 / sqrt(number of fibres)
 
 
+def _coherence(truth):
+    """Per connected structure, |sum of the dipoles' second harmonic| / total: 1 for a single orientation."""
+    from scipy import ndimage
+
+    t = np.arange(18) * np.pi / 18
+    total = truth.sum(0)
+    harmonic = np.tensordot(np.exp(2j * t), truth, axes=1)
+    parts, n = ndimage.label(ndimage.binary_dilation(total > 0, iterations=3))
+    return [abs(harmonic[parts == k].sum()) / total[parts == k].sum() for k in range(1, n + 1) if (parts == k).sum() > 100]
+
+
+def test_bundles_are_aligned_and_mesh_is_not():
+    """A bundle's filaments run side by side (one orientation per bundle); a mesh crosses every orientation."""
+    bundles = _coherence(simulate_family("bundles", (128, 128), psf=PSF, seed=4, noise=False).truth)
+    mesh = _coherence(simulate_family("mesh", (128, 128), psf=PSF, seed=4, noise=False).truth)
+    assert bundles and mesh
+    assert np.median(bundles) > 0.6 and np.median(mesh) < 0.3
+
+
 def test_unknown_family():
     with pytest.raises(SPoDInputError, match="Unknown structure family"):
         simulate_family("spirals", (32, 32), psf=PSF)
