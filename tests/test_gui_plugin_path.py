@@ -284,22 +284,61 @@ def test_rendered_screenshot_shows_the_result(make_napari_viewer, qtbot):
     assert np.abs(shots[0] - shots[1]).mean() > 1  # a different frame is drawn at t=1
 
 
-def test_train_widget_text_is_never_squeezed_in_a_short_dock(make_napari_viewer, qtbot):
-    """Docked from the Plugins menu in a shown window shorter than the widget: the preset's description and
-    the result line get the height their text needs (a dock without scrolling squeezed them to a line or two,
-    drawn over each other) and nothing is cut at the sides; the rest scrolls."""
+#: per dock widget, its word-wrapped labels that take the longest texts (the checks, the result lines)
+LONG_TEXT_LABELS = {
+    "SPoD data and PSF": ("observation_status", "scale_label", "psf_status"),
+    "Train SPoD-Net": ("model_label",),
+    "Recover (SPoD-Net)": ("result_label",),
+    "FISTA comparison": ("result_label",),
+}
+
+
+def _process_events(qtbot):
     from qtpy.QtWidgets import QApplication
 
-    viewer = make_napari_viewer(show=True)
-    viewer.window._qt_window.resize(1400, 700)
-    train = _dock(viewer, "Train SPoD-Net")
-    train.set_preset("quick")
-    train.model_label.setText("Training finished: " + "a long result line that wraps over several lines " * 4)
     for _ in range(5):
         QApplication.processEvents()
     qtbot.wait(200)
-    for label in (train.preset_description, train.model_label):
+
+
+@pytest.mark.parametrize("name", list(LONG_TEXT_LABELS))
+def test_widget_text_is_never_squeezed_in_a_short_dock(make_napari_viewer, qtbot, name):
+    """Docked from the Plugins menu in a shown window shorter than the widget: every wrapped label (the preset's
+    description, the checks, the result lines) gets the height its text needs (a dock without scrolling squeezed
+    them to a line or two, drawn over each other, or made the window taller than asked) and nothing is cut at the
+    sides; the rest scrolls."""
+    from qtpy.QtWidgets import QLabel
+
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1200, 700)
+    widget = _dock(viewer, name)
+    if name == "Train SPoD-Net":
+        widget.set_preset("quick")
+    for attr in LONG_TEXT_LABELS[name]:
+        getattr(widget, attr).setText("A long line that wraps over several lines in the dock " * 4)
+    _process_events(qtbot)
+    assert window.height() == 700  # the dock did not force the window taller
+    labels = [label for label in widget.findChildren(QLabel)
+              if label.isVisible() and label.wordWrap() and label.text()
+              and label.minimumHeight() != label.maximumHeight()]  # (the progress rows' status lines are fixed)
+    assert len(labels) >= len(LONG_TEXT_LABELS[name])
+    for label in labels:
         assert label.height() >= label.heightForWidth(label.width()) - 1, label.text()[:40]
-    scroll = train.scroll
+    scroll = widget.scroll
     assert scroll.widget().width() <= scroll.viewport().width()  # no control cut off at the right
     assert scroll.verticalScrollBar().maximum() > 0  # 700 px are too few for all the controls: they scroll
+
+
+def test_stacked_docks_are_as_wide_as_the_widest_controls(make_napari_viewer, qtbot):
+    """The four widgets docked one after the other from the Plugins menu (napari stacks them in one column): the
+    column is as wide as the widest controls need (none is cut off at the right) and the window keeps its height."""
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1200, 700)
+    widgets = [_dock(viewer, name) for name in LONG_TEXT_LABELS]
+    _process_events(qtbot)
+    assert window.height() == 700
+    for widget in widgets:
+        scroll = widget.scroll
+        assert scroll.widget().width() <= scroll.viewport().width(), type(widget).__name__

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qtpy.QtCore import QEvent, QSize, Qt
+from qtpy.QtCore import QEvent, QSize, Qt, QTimer
 from qtpy.QtWidgets import (QDoubleSpinBox, QFrame, QLabel, QProgressBar, QScrollArea, QSpinBox, QStyle,
                             QVBoxLayout, QWidget)
 
@@ -19,6 +19,23 @@ class VerticalScrollArea(QScrollArea):
         self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.setWidget(widget)
         widget.installEventFilter(self)
+        self._following = False
+        self.verticalScrollBar().rangeChanged.connect(self._follow_end)
+
+    def scroll_to_end(self) -> None:
+        """Scroll to the bottom (a result line below the fold of a short dock). The result's text takes its
+        height over a few layout passes, each of which can extend the scroll range: follow them briefly."""
+        self._following = True
+        bar = self.verticalScrollBar()
+        bar.setValue(bar.maximum())
+        QTimer.singleShot(300, self._stop_following)
+
+    def _stop_following(self) -> None:
+        self._following = False
+
+    def _follow_end(self, _minimum: int, maximum: int) -> None:
+        if self._following:
+            self.verticalScrollBar().setValue(maximum)
 
     def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt)
         inner = self.widget().minimumSizeHint()

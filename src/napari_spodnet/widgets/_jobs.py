@@ -15,7 +15,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from qtpy.QtCore import QObject, QTimer
+from qtpy.QtCore import QObject, QSize, QTimer
 from qtpy.QtWidgets import QWidget
 
 from ..core.recover import RecoveryCancelled
@@ -300,10 +300,15 @@ class JobWidget(QWidget):
         self.settings = get_settings()
         self.binder = SettingsBinder(self.settings)
         self._job: Job | None = None
-        self.setMinimumWidth(MIN_WIDTH)  # napari's dock title (widget name and plugin) shows in full
         # PSF files show at the observation's pixel size, whichever widget is open
         napari_viewer.layers.events.inserted.connect(self._match_psfs)
         self._match_psfs()
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt)
+        # at least MIN_WIDTH: napari's dock title (widget name and plugin) shows in full; wider where the controls
+        # need it (a fixed setMinimumWidth would cap the dock at MIN_WIDTH and cut the controls off at the right)
+        hint = super().minimumSizeHint()
+        return QSize(max(hint.width(), MIN_WIDTH), hint.height())
 
     def showEvent(self, event):  # noqa: N802 (Qt)
         super().showEvent(event)

@@ -28,12 +28,12 @@ from pathlib import Path
 
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
-                            QPushButton, QVBoxLayout)
+                            QPushButton, QVBoxLayout, QWidget)
 
 from ..core.recover import FrameRecoverer, RecoveryCancelled, RecoveryProgress, orientation_composite, recover
 from ..lazy import FillProgress, LazyRecovery
 from ..stream import StreamProgress, recover_to_file, refuse_overwriting_input
-from ._controls import ProgressRow, make_spin
+from ._controls import ProgressRow, VerticalScrollArea, make_spin
 from ._jobs import Job, JobWidget, StepChain
 from ._layers import (
     add_or_update_image,
@@ -267,7 +267,10 @@ class RecoverWidget(JobWidget):
         form.addRow("PSF check", self.psf_picker)
         form.addRow("device", self.device_picker)
         form.addRow("tile size", self.tile_spin)
-        layout = QVBoxLayout(self)
+        # The controls scroll, as in Train: a dock shorter than all of them would otherwise squeeze the wrapped labels
+        # (the result line, the legend) to a line or two, or force the window taller than the screen.
+        content = QWidget()
+        layout = QVBoxLayout(content)
         layout.addWidget(model_box)
         layout.addWidget(data_box)
         layout.addWidget(self.run_button)
@@ -283,6 +286,10 @@ class RecoverWidget(JobWidget):
         layout.addWidget(self.result_label)
         layout.addWidget(legend_box)
         layout.addStretch(1)
+        self.scroll = VerticalScrollArea(content)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self.scroll)
 
         self.observation_picker.currentIndexChanged.connect(self._on_observation_changed)
         self.run_button.clicked.connect(lambda: self._toggle(self.run_button, self.start))
@@ -451,6 +458,7 @@ class RecoverWidget(JobWidget):
                 text = (f"Recovered {n_frames} frame(s) in {result.seconds:.2f} s on {result.info.get('device')}"
                         f" ({result.info.get('tiles')} tile(s)); {obj_text}.")
                 self.result_label.setText(text)
+                self.scroll.scroll_to_end()  # the result line, below the fold of a short dock
                 self.progress.set_fraction(1)
                 self.progress.set_text("Done.")
                 self._update_series_buttons()
@@ -511,6 +519,7 @@ class RecoverWidget(JobWidget):
                     f"Lazy series of {n_frames} frames with {model_text}: each frame is recovered when the t "
                     f"slider shows it (frame {frame + 1}: {first_seconds:.2f} s on {engine.info.get('device')}). "
                     "Recover all fills the rest; Save to… writes the series to disk.")
+                self.scroll.scroll_to_end()
                 self.progress.set_fraction(1)
                 self.progress.set_text("Lazy layers ready.")
                 self._update_series_buttons()  # the chain has ended: Recover all / Save to… apply to these

@@ -188,8 +188,6 @@ class TrainWidget(JobWidget):
         layout.addWidget(self.save_button)
         layout.addStretch(1)
         self.scroll = VerticalScrollArea(content)
-        self._revealing = False
-        self.scroll.verticalScrollBar().rangeChanged.connect(self._keep_result_in_view)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(self.scroll)
@@ -201,22 +199,6 @@ class TrainWidget(JobWidget):
         self.start_button.clicked.connect(self.toggle)
         self.save_button.clicked.connect(self._save_dialog)
         self._show_preset_description()
-
-    # ------------------------------------------------------------------ scrolling
-    def _reveal_result(self) -> None:
-        """Scroll to the result line and Save (below the fold of a short dock). The result's text takes its
-        height over a few layout passes, each of which can extend the scroll range: follow them briefly."""
-        self._revealing = True
-        bar = self.scroll.verticalScrollBar()
-        bar.setValue(bar.maximum())
-        QTimer.singleShot(300, self._stop_revealing)
-
-    def _stop_revealing(self) -> None:
-        self._revealing = False
-
-    def _keep_result_in_view(self, _minimum: int, maximum: int) -> None:
-        if self._revealing:
-            self.scroll.verticalScrollBar().setValue(maximum)
 
     # ------------------------------------------------------------------ start from
     def _fill_start_from(self) -> None:
@@ -419,7 +401,7 @@ class TrainWidget(JobWidget):
             self.progress.set_text("Done.")
         self.model_label.setText(text)
         self.plot.flush()
-        self._reveal_result()
+        self.scroll.scroll_to_end()  # the result line and Save, below the fold of a short dock
         notify_info(text)
 
     def _on_cancelled(self) -> None:
