@@ -164,6 +164,43 @@ def test_fista_comparison_from_the_plugin_menu(make_napari_viewer, qtbot, files,
     assert obs.visible and not any(layer.visible for layer in layers.values())
 
 
+@pytest.mark.parametrize("psf_first", [False, True], ids=["observation_then_psf", "psf_then_observation"])
+def test_layers_share_units_without_a_warning(make_napari_viewer, qtbot, files, notifications_seen, psf_first):
+    """An observation with a pixel size (µm) and a PSF file without one: the PSF takes the observation's units
+    before napari's canvas compares them, so no "Inconsistent units across layers" toast, in either order."""
+    viewer = make_napari_viewer()
+    rec = _dock(viewer, "Recover (SPoD-Net)")
+    fis = _dock(viewer, "FISTA comparison")
+    if psf_first:
+        psf = viewer.open(str(files["psf"]), plugin=PLUGIN)[0]
+        obs = viewer.open(str(files["observation"]), plugin=PLUGIN)[0]
+    else:
+        obs, psf = _open_files(viewer, files)
+    rec.model_picker.set_checkpoint(files["checkpoint"])
+    _click(rec.run_button)
+    _wait(qtbot, rec)
+    s = get_settings()
+    s.fista_iterations, s.fista_tol = 5, 0.0
+    _click(fis.run_button)
+    _wait(qtbot, fis)
+    assert rec.progress.text() == "Done." and fis.progress.fraction() == 1.0
+    warned = [m for _sev, m in notifications_seen if "units" in m.lower()]
+    assert not warned, warned
+    assert viewer.layers.extent.units is not None  # napari found one set of units for all layers
+    for layer in viewer.layers:
+        assert [str(u) for u in layer.units[-2:]] == ["micrometer", "micrometer"], (layer.name, layer.units)
+
+
+def test_psf_file_opened_without_a_widget_takes_the_observation_units(make_napari_viewer, files, notifications_seen):
+    """No plugin widget docked: the reader itself puts the PSF file at the observation's pixel size."""
+    viewer = make_napari_viewer()
+    obs, psf = _open_files(viewer, files)
+    assert not [m for _sev, m in notifications_seen if "units" in m.lower()]
+    np.testing.assert_allclose(psf.scale, (PIXEL_UM, PIXEL_UM))
+    assert [str(u) for u in psf.units] == ["micrometer", "micrometer"]
+    assert viewer.layers.extent.units is not None
+
+
 def test_refusals_come_before_fista_and_reset_the_status(make_napari_viewer, qtbot, files, tmp_path,
                                                          notifications_seen):
     viewer = make_napari_viewer()

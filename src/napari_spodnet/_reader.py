@@ -159,7 +159,62 @@ def read_spod_tiff(path) -> list[tuple]:
             info["pixel_size"] = float(size)
             kwargs["metadata"][METADATA_KEY] = jsonable(info)
         layers.append((data, kwargs, "image"))
+    _share_pixel_size(layers, _target_viewer())
     return layers
+
+
+def _target_viewer():
+    """The viewer napari opens the files into (``napari.current_viewer()``); None headless or off the main thread."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        import napari
+
+        return napari.current_viewer()
+    except Exception:  # napari absent or without a viewer: the reader is used on its own
+        return None
+
+
+def _share_pixel_size(layers: list, viewer) -> None:
+    """Give PSFs the observation's pixel size (µm) before napari adds the layers.
+
+    A PSF file carries no pixel size, an observation usually does; napari compares the units of
+    all layers as soon as one is added ("Inconsistent units across layers; units will not be used
+    for rendering." for a PSF in pixels beside an observation in µm), before any widget can react
+    to the new layer. So a PSF read here at scale 1 takes the pixel size of the newest observation
+    read with it or, else, of the newest observation in ``viewer``; and an observation read here
+    puts the PSFs already in ``viewer`` at its pixel size (what the widgets'
+    :func:`~napari_spodnet.widgets._layers.match_marked_psfs` would do once it is in).
+    """
+    from .widgets._layers import METADATA_KEY, newest_observation, place_psf, psf_placement, spod_kind
+
+    def kind(kwargs):
+        return (kwargs.get("metadata") or {}).get(METADATA_KEY, {}).get("kind")
+
+    read = [(kwargs["scale"][-2:], kwargs["metadata"][METADATA_KEY]["pixel_size"])
+            for _data, kwargs, _type in layers
+            if kind(kwargs) == "observation" and kwargs["metadata"][METADATA_KEY].get("pixel_size")]
+    source = read[-1] if read else None
+    try:
+        if source is None and viewer is not None:
+            observation = newest_observation(viewer)
+            if observation is not None:
+                source = (tuple(observation.scale[-2:]), observation.metadata[METADATA_KEY]["pixel_size"])
+        if read and viewer is not None:
+            for layer in viewer.layers:
+                if spod_kind(layer) == "psf":
+                    place_psf(layer, *read[-1])
+    except Exception:  # a courtesy: the widgets match PSFs to observations too
+        pass
+    if source is None:
+        return
+    for data, kwargs, _type in layers:
+        if kind(kwargs) == "psf" and "scale" not in kwargs and not kwargs.get("rgb"):
+            place = psf_placement(np.ndim(data), *source)
+            if place is not None:
+                kwargs.update(place)
 
 
 #: bounds on the free-form part of restored metadata (method, lam, model, ...): a hostile file must

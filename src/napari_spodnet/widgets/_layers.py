@@ -235,6 +235,18 @@ def _source_units(source_layer, dropped: set) -> tuple | None:
     return tuple(u for i, u in enumerate(units) if i not in dropped)
 
 
+def psf_placement(ndim: int, yx_scale, pixel_size) -> dict | None:
+    """``scale`` (and ``units``) that show an ``ndim`` PSF at an observation's pixel size, None at scale 1."""
+    yx = tuple(float(v) for v in yx_scale)
+    if yx == (1.0, 1.0):
+        return None
+    place = {"scale": (1.0,) * (ndim - 2) + yx}
+    units = spatial_units(ndim, pixel_size)
+    if units is not None:
+        place["units"] = units
+    return place
+
+
 def match_psf_scale(psf_layer, observation_layer) -> bool:
     """Show a PSF at the observation's pixel size (a PSF is sampled on the observation's pixels).
 
@@ -242,25 +254,35 @@ def match_psf_scale(psf_layer, observation_layer) -> bool:
     """
     if psf_layer is None or observation_layer is None:
         return False
-    yx = tuple(float(v) for v in observation_layer.scale[-2:])
-    if yx == (1.0, 1.0) or not all(abs(float(v) - 1.0) < 1e-12 for v in psf_layer.scale[-2:]):
+    return place_psf(psf_layer, observation_layer.scale[-2:], spod_meta(observation_layer).get("pixel_size"))
+
+
+def place_psf(psf_layer, yx_scale, pixel_size) -> bool:
+    """:func:`psf_placement` applied to a PSF layer still at scale 1; True when it was changed."""
+    place = psf_placement(psf_layer.ndim, yx_scale, pixel_size)
+    if place is None or not all(abs(float(v) - 1.0) < 1e-12 for v in psf_layer.scale[-2:]):
         return False
-    psf_layer.scale = (1.0,) * (psf_layer.ndim - 2) + yx
-    units = spatial_units(psf_layer.ndim, spod_meta(observation_layer).get("pixel_size"))
-    if units is not None:
-        psf_layer.units = units
+    psf_layer.scale = place["scale"]
+    if "units" in place:
+        psf_layer.units = place["units"]
     return True
+
+
+def newest_observation(viewer):
+    """The newest layer marked as an observation that carries a pixel size, None if there is none."""
+    observations = [layer for layer in viewer.layers
+                    if spod_kind(layer) == "observation" and spod_meta(layer).get("pixel_size")]
+    return observations[-1] if observations else None
 
 
 def match_marked_psfs(viewer) -> None:
     """:func:`match_psf_scale` for every layer marked as a PSF, to the newest observation with a pixel size."""
-    observations = [layer for layer in viewer.layers
-                    if spod_kind(layer) == "observation" and spod_meta(layer).get("pixel_size")]
-    if not observations:
+    observation = newest_observation(viewer)
+    if observation is None:
         return
     for layer in viewer.layers:
         if spod_kind(layer) == "psf":
-            match_psf_scale(layer, observations[-1])
+            match_psf_scale(layer, observation)
 
 
 def plane_series(array: np.ndarray) -> np.ndarray:
