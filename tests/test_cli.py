@@ -74,8 +74,11 @@ def test_fine_tune_the_shipped_model(data_dir, tmp_path, capsys):
     model = tmp_path / "tuned.safetensors"
     args = ["train", str(data_dir / "observation.tif"), "--psf", str(psf), "--epochs", "1", "--crops", "2",
             "--batch-size", "2", "--crop-size", "48", "--quiet"]
+    capsys.readouterr()
     assert cli.main([*args, "-o", str(model), "--fine-tune", "default"]) == 0
     tuned, shipped = load_checkpoint(model), load_checkpoint(DEFAULT_MODEL_PATH)
+    # when no epoch beat the shipped model, the user is told the model written is that model, unchanged
+    assert ("returned unchanged" in capsys.readouterr().out) == tuned.metadata["training"]["unchanged"]
     assert tuned.n_layers == shipped.n_layers
     # one Adam step at a fifth of the rate: near the shipped schedule, not back at FISTA's steps
     eta = [float(layer.eta.detach()) for layer in tuned.layers]

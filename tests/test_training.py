@@ -16,6 +16,7 @@ from napari_spodnet.core.simulate import gaussian_psf, render_filament, simulate
 from napari_spodnet.core.solvers import DEFAULT_LAMBDA  # noqa: E402
 from napari_spodnet.core.training import (  # noqa: E402
     PRESETS,
+    UNCHANGED_MESSAGE,
     Trainer,
     TrainingConfig,
     TrainingError,
@@ -548,6 +549,9 @@ def test_fine_tuning_never_returns_a_worse_network(observations, psf):
     assert trainer.restores >= 1  # the wrecking rate made the validation loss rise above the network's own
     for a, b in zip(_params(base), _params(tuned)):
         torch.testing.assert_close(a, b)
+    # and it says so: minutes of fine-tuning must not look like a new model
+    assert trainer.unchanged and tuned.metadata["training"]["unchanged"] is True
+    assert trainer.history[-1].message == UNCHANGED_MESSAGE
     # cancelled before the first epoch: the copy of the network as given, not an error
     cancelled = Trainer(observations, psf, TrainingConfig.preset("quick", **E2E_TINY), device="cpu", initial=base)
     net = cancelled.run(lambda update: True)

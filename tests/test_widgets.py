@@ -235,6 +235,8 @@ def test_fine_tune_a_session_model(make_napari_viewer, qtbot, sim, notifications
     w.start_button.click()
     _wait_done(qtbot, w)
     assert w.model is not first and w.model.n_layers == first.n_layers == 2
+    # a fine-tuning that handed back the network it started from says so
+    assert ("unchanged" in w.model_label.text()) == w.model.metadata["training"]["unchanged"]
     assert all(torch.equal(a, b) for a, b in zip(before, first.parameters()))  # the session model is kept
     assert w.model.metadata["training"]["config"]["scalar_lr"] == pytest.approx(0.06 * 0.2)
     assert first.metadata["training"]["config"]["dense_stage_epochs"] == 2

@@ -210,7 +210,7 @@ def _stream_recovery(args, label: str, settings: dict, extra_metadata: dict) -> 
 
 def cmd_train(args) -> int:
     from .core.checkpoint import save_checkpoint
-    from .core.training import Trainer, TrainingConfig, loss_unit
+    from .core.training import UNCHANGED_MESSAGE, Trainer, TrainingConfig, loss_unit
     from .io import read_psf
 
     sources = [*args.observations, args.psf] + ([args.fine_tune] if args.fine_tune not in (None, "default") else [])
@@ -250,6 +250,9 @@ def cmd_train(args) -> int:
     print(f"trained {net.n_layers} layers in {summary['seconds']:.1f} s on {summary['device']}: "
           f"validation loss {summary['best_val_loss']:.6g} ({loss_unit(trainer.config)}); wrote {path} "
           f"({path.stat().st_size / 1024:.1f} kB)")
+    if trainer.unchanged:
+        print(f"note: {UNCHANGED_MESSAGE.split(': ', 1)[1]} (try more epochs, or data the model does not yet "
+              "recover well)")
     return 0
 
 

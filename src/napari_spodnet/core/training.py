@@ -502,6 +502,10 @@ def loss_unit(config: "TrainingConfig") -> str:
 #: The relative loss's floor: a crop already at FISTA's best still scores this (and keeps a finite
 #: gradient when ``relative_power`` < 1).
 RELATIVE_FLOOR = 1e-3
+#: What the last progress update (and the CLI, the Train widget) says when fine-tuning hands back the network
+#: it was given: minutes of training must not look like a new model.
+UNCHANGED_MESSAGE = ("finished: no epoch beat the network it started from on the validation crops, so that network "
+                     "is returned unchanged")
 #: A crop whose objective FISTA's first iteration brings within this fraction of FISTA's best (a crop of
 #: background, nothing to recover) has no FISTA iterations to count: it is left out of "worth N FISTA
 #: iterations" and of the relative loss. (Measured, session 21: such crops scored "worth 1" because the
@@ -587,6 +591,8 @@ class Trainer:
         self.net: UnrolledISTA | None = None
         self.best_state: tuple[float, UnrolledISTA] | None = None
         self._best_score: float | None = None  # best_state's selection score (:meth:`_selection_score`)
+        self._best_is_initial = False  # the network given for fine-tuning is still the best
+        self.unchanged = False  # set at the end: fine-tuning handed back the network it was given
         self.history: list[TrainingProgress] = []
 
     def cancel(self) -> None:
@@ -1064,6 +1070,7 @@ class Trainer:
             best = copy.deepcopy(net)
             best._cache = {}
             self.best_state, self._best_score = (val_loss, best), score
+            self._best_is_initial = net is self.initial
 
     def finish_cancelled(self) -> UnrolledISTA:
         """The best model so far, after an interruption outside :meth:`run_iter` (e.g. Ctrl-C)."""
@@ -1097,15 +1104,19 @@ class Trainer:
                 "restores": self.restores,
             },
         }
+        unchanged = self.initial is not None and self._best_is_initial and net is self.best_state[1]
         if self._initial_record is not None:
             net.metadata["training"]["fine_tuned_from"] = self._initial_record
+            net.metadata["training"]["unchanged"] = bool(unchanged)
         if self.dense_stage_failure:
             net.metadata["training"]["dense_stage_failure"] = self.dense_stage_failure
         self.history.append(TrainingProgress(net.n_layers, self.config.n_layers, "done", 0, 0,
                                              last.train_loss if last else float("nan"),
                                              self.best_state[0] if self.best_state else float("nan"),
                                              time.perf_counter() - start, 1.0,
-                                             "cancelled: kept the best model so far" if cancelled else "finished"))
+                                             "cancelled: kept the best model so far" if cancelled
+                                             else UNCHANGED_MESSAGE if unchanged else "finished"))
+        self.unchanged = bool(unchanged)
         return net
 
 

@@ -396,6 +396,10 @@ class TrainWidget(JobWidget):
                      "comparison, but not selected there.")
             self.progress.set_text(f"Stopped at {100 * self.progress.fraction():.0f} % of the schedule.")
         else:
+            if training.get("unchanged"):
+                # minutes of fine-tuning must not look like a new model
+                text += (f". No epoch beat the model it started from on the validation crops: '{self.model_name}' "
+                         "is that model, unchanged. Try more epochs, or data the model does not yet recover well")
             text += f". Selected in the Recover and FISTA comparison widgets as '{self.model_name}'."
             self.progress.set_fraction(1.0)
             self.progress.set_text("Done.")
