@@ -3,8 +3,8 @@
 A learned recovery is judged on data it never saw (``docs/results.md``, "SPoD-Net against
 FISTA"). :func:`simulate` draws smooth filaments and isolated puncta; the shipped model is
 trained on those. ``membranes``, ``branching``, ``textures``, ``bundles`` and ``mesh`` are *held
-out*: no training uses them (``bundles`` and ``mesh`` joined in session 22, after every model
-in the benchmark was trained). ``clusters`` is held out from the first training stage only: the dense stage of training
+out*: no training uses them (``bundles`` and ``mesh`` joined in session 22, after the shipped
+model and the presets were made). ``clusters`` is held out from the first training stage only: the dense stage of training
 (``TrainingConfig.dense_stage_epochs``) and the shipped model's fine-tuning draw dense clusters
 (other seeds than the benchmark's) so that a learned schedule does not fail on dense structure.
 
