@@ -367,6 +367,32 @@ def test_widget_text_is_never_squeezed_in_a_short_dock(make_napari_viewer, qtbot
     assert scroll.verticalScrollBar().maximum() > 0  # 700 px are too few for all the controls: they scroll
 
 
+@pytest.mark.parametrize("name", list(LONG_TEXT_LABELS))
+def test_status_line_grows_for_a_long_final_text_and_back(make_napari_viewer, qtbot, name):
+    """The progress row's status line keeps a fixed three-line height (progress at 10 Hz must not re-lay-out the
+    window), but a longer text, such as "Done: new layer '<a long file name> preprocessed'", is shown whole; the
+    next short text takes the three lines back."""
+    from napari_spodnet.widgets._controls import ProgressRow
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1200, 700)
+    widget = _dock(viewer, name)
+    _process_events(qtbot)
+    row = widget.findChild(ProgressRow)
+    label = row.label
+    row.set_text("epoch 1/50")
+    _process_events(qtbot)
+    three_lines = label.height()
+    assert three_lines >= 3 * label.fontMetrics().lineSpacing()
+    row.set_text("Done in 0.2 s: new layer 'a_rather_long_observation_file_name_with_a_date_2026_12_07 preprocessed' "
+                 "(median 5, minimum 7, subtract the background); the observation layer is unchanged. " * 2)
+    _process_events(qtbot)
+    assert label.height() > three_lines and label.height() >= label.heightForWidth(label.width()) - 1
+    row.set_text("epoch 3/50")
+    _process_events(qtbot)
+    assert label.height() == three_lines
+
+
 def test_stacked_docks_are_as_wide_as_the_widest_controls(make_napari_viewer, qtbot):
     """The four widgets docked one after the other from the Plugins menu (napari stacks them in one column): the
     column is as wide as the widest controls need (none is cut off at the right) and the window keeps its height."""

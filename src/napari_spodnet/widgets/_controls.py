@@ -87,8 +87,16 @@ class ProgressRow(QWidget):
         # a fixed height: a status text that changes 10 times a second must not re-lay-out the
         # main window (each relayout resizes and redraws napari's canvas, which cost FISTA ~5x
         # its headless speed in the GUI)
-        self.label.setFixedHeight(3 * self.label.fontMetrics().lineSpacing() + 4)
+        self._base_height = 3 * self.label.fontMetrics().lineSpacing() + 4
+        # never shown (not in the layout): styled like the status line, it measures the height a text needs
+        self._three_lines: int | None = None
+        self._measure = QLabel(self)
+        self._measure.setWordWrap(True)
+        self._measure.setTextInteractionFlags(self.label.textInteractionFlags())  # (selectable text lays out apart)
+        self.label.setFixedHeight(self._base_height)
         self.label.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        self._measure.setAlignment(self.label.alignment())
+        self._measure.hide()
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.bar)
@@ -114,6 +122,20 @@ class ProgressRow(QWidget):
 
     def set_text(self, text: str) -> None:
         self.label.setText(text)
+        if self.label.isVisible():
+            # three lines, unless a (final, rare) text needs more: "Done …: new layer '<a long name>'" was cut;
+            # the height changes only when the need does, so progress at 10 Hz still lays nothing out
+            # (measured on an unconstrained twin: the label's own heightForWidth never answers below its fixed
+            # height, and changing its constraints to ask would lay the window out)
+            width = max(self.label.width(), 1)
+            self._measure.ensurePolished()  # napari's stylesheet: the font and padding of the status line
+            if self._three_lines is None:  # what three lines take as laid out (known once styled and shown)
+                self._measure.setText("M\nM\nM")
+                self._three_lines = max(self._base_height, self._measure.heightForWidth(width))
+            self._measure.setText(text)
+            needed = max(self._three_lines, self._measure.heightForWidth(width))
+            if needed != self.label.maximumHeight():
+                self.label.setFixedHeight(needed)
 
     def text(self) -> str:
         return self.label.text()
