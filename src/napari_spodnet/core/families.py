@@ -178,6 +178,7 @@ def _mesh(rng, h, w, c, area_scale):
                 image += render_filament(pts, (h, w), c, intensity=rng.uniform(0.3, 1.0))
     return image
 
+
 _RENDERERS = {"clusters": _clusters, "membranes": _membranes, "branching": _branching, "textures": _textures,
               "mesh": _mesh, "bundles": _bundles}
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from qtpy.QtCore import QObject, QSize, QTimer
-from qtpy.QtWidgets import QWidget
+from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from ..core.recover import RecoveryCancelled
 from ..core.training import TrainingError
 from ..core.validation import SPoDInputError
+from ._controls import VerticalScrollArea
 from ._layers import match_marked_psfs
 from ._notify import error_message, notify_error, notify_info
 from ._settings import SettingsBinder, get_settings
@@ -303,6 +304,18 @@ class JobWidget(QWidget):
         # PSF files show at the observation's pixel size, whichever widget is open
         napari_viewer.layers.events.inserted.connect(self._match_psfs)
         self._match_psfs()
+
+    def controls_layout(self) -> QVBoxLayout:
+        """The layout a widget puts its controls in. They scroll (``self.scroll``, vertically only): in a dock
+        shorter than all of them, Qt would otherwise squeeze the wrapped labels (descriptions, checks, result
+        lines) to a line or two drawn over each other, or force the window taller than the screen."""
+        content = QWidget()
+        layout = QVBoxLayout(content)
+        self.scroll = VerticalScrollArea(content)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self.scroll)
+        return layout
 
     def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt)
         # at least MIN_WIDTH: napari's dock title (widget name and plugin) shows in full; wider where the controls

@@ -23,13 +23,12 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QVBoxLayout,
-    QWidget,
 )
 
 from ..core.preprocess import NormalizationSettings, fit_normalization, preprocess
 from ..core.validation import SPoDInputError, check_psf
 from ..io import average_psfs, find_polarization_axis
-from ._controls import ProgressRow, VerticalScrollArea, make_spin
+from ._controls import ProgressRow, make_spin
 from ._jobs import Job, JobWidget
 from ._layers import (
     METADATA_KEY,
@@ -174,17 +173,10 @@ class SpodDataWidget(JobWidget):
         box_layout.addLayout(row)
         box_layout.addWidget(self.average_button)
 
-        # The controls scroll, as in Train: a dock shorter than all of them would otherwise squeeze the wrapped labels
-        # (the data's checks, the intensity scale) to a line or two, or force the window taller than the screen.
-        content = QWidget()
-        layout = QVBoxLayout(content)
+        layout = self.controls_layout()
         for box in (obs_box, psf_box, pre_box, avg_box):
             layout.addWidget(box)
         layout.addStretch(1)
-        self.scroll = VerticalScrollArea(content)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(self.scroll)
 
         self.observation_picker.currentIndexChanged.connect(self.update_status)
         self.psf_picker.currentIndexChanged.connect(self.update_status)

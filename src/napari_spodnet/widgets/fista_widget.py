@@ -21,12 +21,11 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QVBoxLayout,
-    QWidget,
 )
 
 from ..core.compare import compare_at_equal_objective
 from ..core.recover import RecoveryResult, recover
-from ._controls import ProgressRow, VerticalScrollArea, make_spin
+from ._controls import ProgressRow, make_spin
 from ._jobs import Job, JobWidget, StepChain
 from ._layers import (
     add_or_update_image,
@@ -172,10 +171,7 @@ class FistaWidget(JobWidget):
         box_layout = QVBoxLayout(cmp_box)
         box_layout.addWidget(self.compare_check)
         box_layout.addWidget(self.model_picker)
-        # The controls scroll, as in Train: a dock shorter than all of them would otherwise squeeze the wrapped labels
-        # (the comparison's result lines) to a line or two, or force the window taller than the screen.
-        content = QWidget()
-        layout = QVBoxLayout(content)
+        layout = self.controls_layout()
         layout.addWidget(data_box)
         layout.addWidget(fista_box)
         layout.addWidget(cmp_box)
@@ -185,10 +181,6 @@ class FistaWidget(JobWidget):
         layout.addWidget(self.result_label)
         layout.addWidget(self.leave_grid_button)
         layout.addStretch(1)
-        self.scroll = VerticalScrollArea(content)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(self.scroll)
 
         self.compare_check.toggled.connect(self.model_picker.setEnabled)
         self.model_picker.setEnabled(self.compare_check.isChecked())

@@ -28,12 +28,12 @@ from pathlib import Path
 
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
-                            QPushButton, QVBoxLayout, QWidget)
+                            QPushButton, QVBoxLayout)
 
 from ..core.recover import FrameRecoverer, RecoveryCancelled, RecoveryProgress, orientation_composite, recover
 from ..lazy import FillProgress, LazyRecovery
 from ..stream import StreamProgress, recover_to_file, refuse_overwriting_input
-from ._controls import ProgressRow, VerticalScrollArea, make_spin
+from ._controls import ProgressRow, make_spin
 from ._jobs import Job, JobWidget, StepChain
 from ._layers import (
     add_or_update_image,
@@ -267,10 +267,7 @@ class RecoverWidget(JobWidget):
         form.addRow("PSF check", self.psf_picker)
         form.addRow("device", self.device_picker)
         form.addRow("tile size", self.tile_spin)
-        # The controls scroll, as in Train: a dock shorter than all of them would otherwise squeeze the wrapped labels
-        # (the result line, the legend) to a line or two, or force the window taller than the screen.
-        content = QWidget()
-        layout = QVBoxLayout(content)
+        layout = self.controls_layout()
         layout.addWidget(model_box)
         layout.addWidget(data_box)
         layout.addWidget(self.run_button)
@@ -286,10 +283,6 @@ class RecoverWidget(JobWidget):
         layout.addWidget(self.result_label)
         layout.addWidget(legend_box)
         layout.addStretch(1)
-        self.scroll = VerticalScrollArea(content)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(self.scroll)
 
         self.observation_picker.currentIndexChanged.connect(self._on_observation_changed)
         self.run_button.clicked.connect(lambda: self._toggle(self.run_button, self.start))

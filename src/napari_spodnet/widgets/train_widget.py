@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -24,8 +24,6 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QLabel,
     QPushButton,
-    QVBoxLayout,
-    QWidget,
 )
 
 from ..core.checkpoint import save_checkpoint
@@ -41,7 +39,7 @@ from ..core.training import (
     worth_text,
 )
 from ..core.validation import SPoDInputError
-from ._controls import ProgressRow, VerticalScrollArea, make_spin
+from ._controls import ProgressRow, make_spin
 from ._jobs import Job, JobWidget
 from ._layers import is_observation_candidate, is_psf_candidate, observation_problem, psf_array, value_problem
 from ._models import get_model_registry
@@ -175,10 +173,7 @@ class TrainWidget(JobWidget):
         form.addRow("dense-structure epochs", self.dense_spin)
         form.addRow("device", self.device_picker)
 
-        # The controls scroll: in a dock shorter than all of them, Qt would otherwise squeeze the wrapped
-        # labels (the preset's description, the result line) to a line or two and draw them over each other.
-        content = QWidget()
-        layout = QVBoxLayout(content)
+        layout = self.controls_layout()
         layout.addWidget(data_box)
         layout.addWidget(cfg_box)
         layout.addWidget(self.start_button)
@@ -187,10 +182,6 @@ class TrainWidget(JobWidget):
         layout.addWidget(self.model_label)
         layout.addWidget(self.save_button)
         layout.addStretch(1)
-        self.scroll = VerticalScrollArea(content)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(self.scroll)
 
         self.preset_combo.currentIndexChanged.connect(self._on_preset_chosen)
         for spin in (self.lr_spin, self.epochs_spin, self.batch_spin, self.crops_spin, self.crop_spin,
